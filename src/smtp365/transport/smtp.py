@@ -1,0 +1,462 @@
+"""SMTP submission to Exchange Online on aiosmtplib: STARTTLS mandatory, XOAUTH2 or LOGIN.
+
+This is the only module that imports aiosmtplib; its exceptions (and ``ssl``'s)
+are mapped into :mod:`smtp365.errors` here and never leave.
+
+Defences (security.md §3, client side):
+
+* STARTTLS is mandatory: not advertised, a reply other than ``220``, or bytes
+  buffered after the ``220`` (a STARTTLS injection) stop the session before
+  any credentials or mail are sent. There is no plain-text fallback.
+* Certificate chain and host name are verified; TLS 1.2 is the floor.
+* EHLO is sent again after TLS and only those capabilities are trusted.
+* CR, LF and NUL in addresses are refused before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPAuthenticationError,
+    SMTPConnectTimeoutError,
+    SMTPException,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from smtp365 import replies
+from smtp365.auth import StaticTokenProvider, TokenProvider
+from smtp365.config import AccountSettings, AuthMethod, TLSMode
+from smtp365.errors import (
+    AuthenticationRejected,
+    BasicAuthWarning,
+    ConfigError,
+    ConnectError,
+    MessageError,
+    ProtocolError,
+    StartTLSInjection,
+    StartTLSUnavailable,
+    SubmissionRejected,
+    TLSError,
+    TransportError,
+    TransportTimeout,
+)
+from smtp365.models import DeliveryOutcome, Reply, Submission
+
+log = logging.getLogger("smtp365.transport.smtp")
+
+_TLS_FLOOR = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def check_address(address: str, *, what: str = "address") -> str:
+    """Refuse CR, LF, NUL and angle brackets in an envelope address (command injection)."""
+    if any(c in address for c in "\r\n\x00<>"):
+        raise MessageError(
+            f"the {what} {address!r} contains CR, LF, NUL or angle brackets",
+            fix="remove the control characters: an address must be a single line",
+        )
+    if not address.strip():
+        raise MessageError(f"the {what} is empty", fix="give a full address, e.g. a@example.com")
+    return address
+
+
+def make_tls_context(account: AccountSettings) -> ssl.SSLContext:
+    """A verifying client context: system CAs (+ ``ca_file``), host name check, TLS >= 1.2."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if account.ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(account.ca_file.expanduser()))
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSError(
+                f"cannot load ca_file {account.ca_file}: {exc}",
+                fix="point ca_file at a readable PEM file with the CA certificate",
+                temporary=False,
+            ) from None
+    # Below 1.2 is never allowed (Exchange refuses it too); config check explains why.
+    ctx.minimum_version = _TLS_FLOOR.get(account.tls_min_version, ssl.TLSVersion.TLSv1_2)
+    return ctx
+
+
+def _rejected(
+    stage: str,
+    code: int,
+    message: str,
+    *,
+    recipient: str | None = None,
+    auth: bool = False,
+) -> SubmissionRejected:
+    reply = Reply.parse(code, message)
+    cls = AuthenticationRejected if auth else SubmissionRejected
+    return cls(
+        code=reply.code,
+        enhanced=reply.enhanced,
+        text=reply.text,
+        stage=stage,
+        entry=replies.lookup(reply),
+        recipient=recipient,
+    )
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class _StaleConnection(ConnectError):
+    """The server closed the connection before MAIL FROM was answered: nothing was sent."""
+
+
+class SmtpTransport:
+    """One SMTP connection to one account, reused for many messages.
+
+    ``async with SmtpTransport(account) as t: await t.submit(sub)``. The
+    connection opens lazily on the first :meth:`submit` and is reopened when
+    the server has closed it between messages.
+    """
+
+    def __init__(
+        self,
+        account: AccountSettings,
+        *,
+        token_provider: TokenProvider | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.account = account
+        self._token_provider = token_provider
+        self._password = password
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._lock = asyncio.Lock()
+        self.connections_opened = 0
+        self.tls_version: str | None = None
+        self.tls_cipher: str | None = None
+
+    def __repr__(self) -> str:
+        a = self.account
+        return f"SmtpTransport({a.name!r}, {a.host}:{a.port}, tls={a.tls.value}, user={a.username})"
+
+    async def __aenter__(self) -> SmtpTransport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected
+
+    # -- connection ---------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the connection: greeting, EHLO, STARTTLS, EHLO, AUTH."""
+        async with self._lock:
+            await self._connect()
+
+    async def _connect(self) -> None:
+        if self.connected:
+            return
+        a = self.account
+        ctx = make_tls_context(a) if a.tls is not TLSMode.NONE else None
+        smtp = aiosmtplib.SMTP(
+            hostname=a.host,
+            port=a.port,
+            timeout=a.timeout,
+            use_tls=a.tls is TLSMode.IMPLICIT,
+            start_tls=False,
+            tls_context=ctx,
+            local_hostname=a.ehlo_name,
+        )
+        self._smtp = smtp
+        try:
+            await self._guard("connect", smtp.connect())
+            await self._guard("ehlo", smtp.ehlo())
+            if a.tls is TLSMode.STARTTLS:
+                assert ctx is not None
+                await self._starttls(smtp, ctx)
+                await self._guard("ehlo", smtp.ehlo())
+            self._record_tls(smtp)
+            await self._authenticate(smtp)
+        except BaseException:
+            smtp.close()
+            self._smtp = None
+            raise
+        self.connections_opened += 1
+        log.debug(
+            "connected to %s:%s (%s, %s) as %s",
+            a.host,
+            a.port,
+            self.tls_version,
+            a.auth.value,
+            a.username,
+        )
+
+    def _record_tls(self, smtp: aiosmtplib.SMTP) -> None:
+        ssl_obj = smtp.get_transport_info("ssl_object")
+        if isinstance(ssl_obj, ssl.SSLObject | ssl.SSLSocket):
+            self.tls_version = ssl_obj.version()
+            cipher = ssl_obj.cipher()
+            self.tls_cipher = cipher[0] if cipher else None
+
+    async def _starttls(self, smtp: aiosmtplib.SMTP, ctx: ssl.SSLContext) -> None:
+        a = self.account
+        if not smtp.supports_extension("starttls"):
+            raise StartTLSUnavailable(
+                f"{a.host}:{a.port} does not offer STARTTLS; smtp365 will not send credentials "
+                "or mail in plain text",
+                fix="check that the host and port are right (Exchange Online: "
+                "smtp.office365.com:587); a missing STARTTLS can also mean something on the "
+                "network strips it (a firewall's SMTP inspection, or an attack)",
+            )
+        protocol = smtp.protocol
+        assert protocol is not None
+        original: Callable[..., Awaitable[Any]] = protocol.read_response
+
+        async def guarded(timeout: float | None = None) -> Any:
+            response = await original(timeout=timeout)
+            # aiosmtplib silently discards bytes buffered after the 220; a
+            # compliant server sends nothing there, so anything is an injection.
+            if response.code == 220 and getattr(protocol, "_buffer", b""):
+                raise StartTLSInjection(
+                    f"{a.host}:{a.port} sent data after its 220 reply to STARTTLS "
+                    "(a STARTTLS command injection, CVE-2011-0411 class)",
+                    fix="something between you and the server is tampering with SMTP; "
+                    "do not send through this network path",
+                )
+            return response
+
+        protocol.read_response = guarded  # type: ignore[method-assign]
+        try:
+            await smtp.starttls(tls_context=ctx, server_hostname=a.host)
+        except SMTPResponseException as exc:
+            raise StartTLSUnavailable(
+                f"{a.host}:{a.port} refused STARTTLS: {exc.code} {exc.message}",
+                fix="check the host and port; smtp365 never continues without TLS",
+            ) from None
+        except (SMTPException, OSError) as exc:
+            raise self._map(exc, "starttls") from None
+        finally:
+            if protocol.__dict__.get("read_response") is guarded:
+                del protocol.read_response
+
+    async def _authenticate(self, smtp: aiosmtplib.SMTP) -> None:
+        a = self.account
+        if a.auth is AuthMethod.NONE:
+            return
+        if not a.username:
+            raise ConfigError(
+                f"account {a.name!r} has auth = {a.auth.value!r} but no username",
+                fix='set username = "mailbox@yourdomain.com"',
+            )
+        user = check_address(a.username, what="username")
+        if not smtp.supports_extension("auth"):
+            raise ProtocolError(
+                f"{a.host}:{a.port} does not offer AUTH"
+                + (" even after STARTTLS" if a.tls is TLSMode.STARTTLS else ""),
+                fix="SMTP AUTH may be disabled for the tenant or this is not a submission "
+                "port; check host and port",
+                temporary=False,
+            )
+        if a.auth is AuthMethod.XOAUTH2:
+            provider = self._token_provider or StaticTokenProvider(a.token_value())
+            token = await provider.get_token()
+            await self._guard("auth", smtp.auth_xoauth2(user, token.token))
+        else:
+            warnings.warn(
+                "AUTH LOGIN (Basic authentication) is being retired by Microsoft; "
+                'switch to auth = "xoauth2"',
+                BasicAuthWarning,
+                stacklevel=2,
+            )
+            log.warning("account %s uses Basic authentication (AUTH LOGIN)", a.name)
+            password = self._password if self._password is not None else a.password_value()
+            await self._guard("auth", smtp.auth_login(user, password))
+
+    async def _guard(self, stage: str, coro: Awaitable[Any]) -> Any:
+        try:
+            return await coro
+        except (SMTPException, OSError) as exc:
+            raise self._map(exc, stage) from None
+
+    def _map(self, exc: BaseException, stage: str) -> Exception:
+        a = self.account
+        where = f"{a.host}:{a.port}"
+        if isinstance(exc, SMTPResponseException):
+            return _rejected(
+                stage, exc.code, exc.message, auth=isinstance(exc, SMTPAuthenticationError)
+            )
+        cause = _ssl_cause(exc)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or str(cause)
+            if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():
+                fix = (
+                    f"the certificate is not valid for {a.host!r}: connect with the name on the "
+                    "certificate (Exchange Online: smtp.office365.com), not an IP or alias"
+                )
+            else:
+                fix = (
+                    "the server's certificate chain is not trusted: if it is a private CA, "
+                    "set ca_file to its PEM; if you did not expect that, someone may be "
+                    "intercepting TLS"
+                )
+            return TLSError(
+                f"TLS certificate of {where} rejected during {stage}: {reason}", fix=fix
+            )
+        if cause is not None:
+            return TLSError(
+                f"TLS failed with {where} during {stage}: {cause.reason or cause}",
+                fix="Exchange Online needs TLS 1.2+; if the server is older, it cannot be used",
+            )
+        if isinstance(exc, SMTPConnectTimeoutError | SMTPTimeoutError | TimeoutError):
+            return TransportTimeout(
+                f"{where} did not answer within {a.timeout:g} s during {stage}",
+                fix="a firewall may drop outbound traffic to this port; try another network, "
+                "or raise timeout",
+            )
+        if isinstance(exc, SMTPServerDisconnected):
+            return ConnectError(
+                f"{where} closed the connection during {stage}",
+                fix="try again; if it persists, run `smtp365 doctor`",
+            )
+        if isinstance(exc, ConnectionRefusedError) or "refused" in str(exc).lower():
+            return ConnectError(
+                f"connection to {where} refused",
+                fix="check host and port (Exchange Online: smtp.office365.com:587)",
+            )
+        return ConnectError(
+            f"cannot talk to {where} during {stage}: {exc}",
+            fix="check the host name, port and network; `smtp365 doctor` tells more",
+        )
+
+    # -- submission ---------------------------------------------------------
+
+    async def submit(self, submission: Submission) -> DeliveryOutcome:
+        """Send one message; raises only smtp365 errors."""
+        env = submission.envelope
+        check_address(env.sender, what="envelope sender") if env.sender else None
+        for rcpt in env.recipients:
+            check_address(rcpt, what="recipient")
+        if not env.recipients:
+            raise MessageError("the message has no recipients", fix="add --to, --cc or --bcc")
+        async with self._lock:
+            reused = self.connected
+            await self._connect()
+            try:
+                return await self._transaction(submission)
+            except _StaleConnection:
+                if not reused:
+                    raise
+                # The server closed an idle connection before MAIL FROM was
+                # answered: nothing was sent, so one fresh attempt is safe.
+                log.debug("reused connection was closed by the server; reconnecting")
+                self._drop()
+                await self._connect()
+                return await self._transaction(submission)
+
+    async def _transaction(self, submission: Submission) -> DeliveryOutcome:
+        smtp = self._smtp
+        assert smtp is not None
+        env = submission.envelope
+        started = time.perf_counter()
+        options: list[str] = [f"SIZE={len(submission.content)}"]
+        needs_utf8 = not (env.sender.isascii() and all(r.isascii() for r in env.recipients))
+        if needs_utf8:
+            if not smtp.supports_extension("smtputf8"):
+                raise MessageError(
+                    "an address is not ASCII and the server does not support SMTPUTF8",
+                    fix="use ASCII addresses",
+                )
+            options.append("SMTPUTF8")
+        if not submission.content.isascii() and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        try:
+            await smtp.mail(env.sender, options=options)
+        except SMTPResponseException as exc:
+            await self._rset()
+            raise _rejected("mail", exc.code, exc.message) from None
+        except (SMTPException, OSError) as exc:
+            self._drop()
+            if isinstance(exc, SMTPServerDisconnected):
+                raise _StaleConnection(
+                    f"{self.account.host}:{self.account.port} closed the connection before "
+                    "MAIL FROM was answered",
+                    fix="try again; if it persists, run `smtp365 doctor`",
+                ) from None
+            raise self._map(exc, "mail") from None
+
+        accepted: list[str] = []
+        refused: dict[str, Reply] = {}
+        for rcpt in env.recipients:
+            try:
+                await smtp.rcpt(rcpt)
+                accepted.append(rcpt)
+            except SMTPResponseException as exc:
+                refused[rcpt] = Reply.parse(exc.code, exc.message)
+            except (SMTPException, OSError) as exc:
+                self._drop()
+                raise self._map(exc, "rcpt") from None
+        if not accepted:
+            await self._rset()
+            first, reply = next(iter(refused.items()))
+            raise _rejected("rcpt", reply.code, f"{reply.enhanced} {reply.text}", recipient=first)
+
+        try:
+            response = await smtp.data(submission.content)
+        except SMTPResponseException as exc:
+            if exc.code == 421:
+                self._drop()
+            else:
+                await self._rset()
+            raise _rejected("data", exc.code, exc.message) from None
+        except (SMTPException, OSError) as exc:
+            # The connection died during DATA: the server may or may not have
+            # the message. Callers that retry accept a possible duplicate.
+            self._drop()
+            raise self._map(exc, "data") from None
+        reply = Reply.parse(response.code, response.message)
+        return DeliveryOutcome(
+            reply=reply,
+            message_id=submission.message_id,
+            accepted=tuple(accepted),
+            refused=refused,
+            elapsed=time.perf_counter() - started,
+        )
+
+    async def _rset(self) -> None:
+        smtp = self._smtp
+        if smtp is None or not smtp.is_connected:
+            return
+        try:
+            await smtp.rset()
+        except (SMTPException, OSError):
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+            self._smtp = None
+
+    async def close(self) -> None:
+        """QUIT and close; never raises."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        if smtp.is_connected:
+            with contextlib.suppress(SMTPException, OSError, TimeoutError):
+                await asyncio.wait_for(smtp.quit(), timeout=min(5.0, self.account.timeout))
+        smtp.close()
+
+
+__all__ = ["SmtpTransport", "TransportError", "check_address", "make_tls_context"]
