@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import ssl
 import time
@@ -107,13 +108,26 @@ def _rejected(
     )
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, ssl.SSLError)), None)
+
+
+def _refused(exc: BaseException) -> bool:
+    return any(
+        isinstance(e, ConnectionRefusedError)
+        or (isinstance(e, OSError) and e.errno == errno.ECONNREFUSED)
+        or f"[Errno {errno.ECONNREFUSED}]" in str(e)
+        for e in _chain(exc)
+    )
 
 
 class _StaleConnection(ConnectError):
@@ -246,6 +260,13 @@ class SmtpTransport:
                 fix="check the host and port; smtp365 never continues without TLS",
             ) from None
         except (SMTPException, OSError) as exc:
+            if isinstance(exc, SMTPServerDisconnected) and _ssl_cause(exc) is None:
+                raise TLSError(
+                    f"TLS failed with {a.host}:{a.port}: the server closed the connection during "
+                    "the TLS handshake",
+                    fix="usually a TLS version or cipher mismatch: smtp365 requires TLS 1.2 or "
+                    "newer (as Exchange Online does); an older server cannot be used",
+                ) from None
             raise self._map(exc, "starttls") from None
         finally:
             if protocol.__dict__.get("read_response") is guarded:
@@ -330,7 +351,7 @@ class SmtpTransport:
                 f"{where} closed the connection during {stage}",
                 fix="try again; if it persists, run `smtp365 doctor`",
             )
-        if isinstance(exc, ConnectionRefusedError) or "refused" in str(exc).lower():
+        if _refused(exc):
             return ConnectError(
                 f"connection to {where} refused",
                 fix="check host and port (Exchange Online: smtp.office365.com:587)",

@@ -1,0 +1,54 @@
+"""The ``smtp365`` command line (typer + rich live here and nowhere else)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from smtp365 import __version__
+from smtp365.cli import config_cmd, exitcodes, sandbox_cmd
+from smtp365.cli.send import send, sendmail, sendmail_main
+
+app = typer.Typer(
+    name="smtp365",
+    help="Send mail through Microsoft 365 / Exchange Online, and learn why when it fails.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("send")(send)
+app.command(
+    "sendmail",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)(sendmail)
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(sandbox_cmd.app, name="sandbox")
+app.command("demo")(sandbox_cmd.demo)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Invoked as ``sendmail`` (a symlink), it speaks the sendmail interface."""
+    args = sys.argv[1:] if argv is None else argv
+    if argv is None and Path(sys.argv[0]).name == "sendmail":
+        return sendmail_main(args)
+    try:
+        app(args=args, prog_name="smtp365")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        # click reports usage errors as 2; sysexits says EX_USAGE.
+        return exitcodes.USAGE if code == 2 else code
+    return exitcodes.OK
+
+
+def run() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())

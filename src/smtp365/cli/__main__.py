@@ -1,0 +1,3 @@
+from smtp365.cli import main
+
+raise SystemExit(main())
