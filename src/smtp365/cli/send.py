@@ -174,7 +174,7 @@ def sendmail_main(argv: list[str]) -> int:
             recipients.append(arg)
             continue
 
-        def value(flag: str) -> str:
+        def value(flag: str, arg: str = arg) -> str:
             rest = arg[len(flag) :]
             if rest:
                 return rest
