@@ -134,7 +134,7 @@ def _rules(acc: AccountSettings, secrets_in_file: Any) -> Any:
             )
         elif "@" not in acc.username:
             yield Finding(
-                E,
+                E if ms else W,
                 "username-not-upn",
                 f"username {acc.username!r} is not a full address",
                 "Exchange Online signs in with the mailbox's full address (its UPN), e.g. "
@@ -180,7 +180,15 @@ def _rules(acc: AccountSettings, secrets_in_file: Any) -> Any:
                 f"move it to {kind}_env or {kind}_file",
             )
         secret_file = getattr(acc.raw, f"{kind}_file")
-        if secret_file is not None and not file_is_private(secret_file):
+        if secret_file is not None and not secret_file.expanduser().is_file():
+            yield Finding(
+                E,
+                f"{kind}-file-missing",
+                f"{kind}_file {secret_file} does not exist",
+                f"the {kind} cannot be read, so authentication will fail",
+                f"create {secret_file} (mode 600) or point {kind}_file elsewhere",
+            )
+        elif secret_file is not None and not file_is_private(secret_file):
             yield Finding(
                 W,
                 f"{kind}-file-readable",

@@ -99,9 +99,10 @@ def load(
         except OSError as exc:
             raise ConfigError(f"cannot read {file}: {exc.strerror or exc}") from None
     try:
+        accounts = data.get("accounts") or {}
         inline = {
             name: [k for k in ("password", "token") if isinstance(acc, dict) and k in acc]
-            for name, acc in (data.get("accounts") or {}).items()
+            for name, acc in (accounts.items() if isinstance(accounts, dict) else ())
         }
         settings = Settings.model_validate({**data, "source": source, "inline_secrets": inline})
     except ValidationError as exc:
@@ -114,11 +115,18 @@ def load(
     }
     if account or env.get("SMTP365_ACCOUNT") or layered:
         base = settings.accounts.get(chosen)
-        if base is None and (account or env.get("SMTP365_ACCOUNT")) and settings.accounts:
-            # Naming an account that does not exist is an error, unless the
-            # environment defines it completely (no file accounts at all).
+        if base is None and settings.accounts:
+            # An account the file does not define is an error (never a silent new
+            # account built from variables); only without file accounts may the
+            # environment and flags define one completely.
             settings.account(chosen)  # raises a ConfigError naming the known accounts
-        merged = {**(base.model_dump(exclude_unset=True) if base else {}), **layered}
+        below = base.model_dump(exclude_unset=True) if base else {}
+        for kind in ("password", "token"):
+            # A secret source set at a higher layer replaces every source below it.
+            if any(k in layered for k in (kind, f"{kind}_env", f"{kind}_file")):
+                for k in (kind, f"{kind}_env", f"{kind}_file"):
+                    below.pop(k, None)
+        merged = {**below, **layered}
         try:
             new_account = Account.model_validate(merged)
         except ValidationError as exc:

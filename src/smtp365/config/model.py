@@ -110,9 +110,16 @@ class Account(BaseModel):
     @field_validator("tls", mode="before")
     @classmethod
     def _ssl_alias(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.lower() in ("ssl", "tls", "implicit-tls", "smtps"):
-            return TLSMode.IMPLICIT
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value in ("ssl", "tls", "implicit-tls", "smtps"):
+                return TLSMode.IMPLICIT
         return value
+
+    @field_validator("profile", "auth", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("tls_min_version", mode="before")
     @classmethod
@@ -244,7 +251,10 @@ def _secret(account: AccountSettings, kind: str) -> str:
                 fix=f"check that {file_path} exists and is readable by this user",
             ) from None
         if not value:
-            raise ConfigError(f"account {account.name!r}: {kind}_file {file_path} is empty")
+            raise ConfigError(
+                f"account {account.name!r}: {kind}_file {file_path} is empty",
+                fix=f"write the {kind} into {file_path} (one line), or point {kind}_file elsewhere",
+            )
         return value
     raise ConfigError(
         f"account {account.name!r} uses auth = {account.auth.value!r} but has no {kind}",
