@@ -8,7 +8,7 @@ import typer
 
 from smtp365.cli import exitcodes
 from smtp365.cli.output import fail, out, print_json
-from smtp365.cli.send import AccountOpt, ConfigOpt
+from smtp365.cli.send import AccountOpt, ConfigOpt, HostOpt, PortOpt, UserOpt, flag_overrides
 from smtp365.config import Level, check, load
 from smtp365.errors import ConfigError
 
@@ -21,11 +21,14 @@ _MARK = {Level.ERROR: "[bold red]ERROR[/]", Level.WARNING: "[yellow]WARN [/]"}
 def check_cmd(
     config: ConfigOpt = None,
     account: AccountOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    username: UserOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Find the usual Office 365 mistakes in an account and explain each (exit 78 on errors)."""
     try:
-        settings = load(config, account=account)
+        settings = load(config, account=account, overrides=flag_overrides(host, port, username))
     except ConfigError as exc:
         fail(exc, as_json=as_json)
     name = account or settings.default_account
@@ -55,11 +58,14 @@ def check_cmd(
 def show_cmd(
     config: ConfigOpt = None,
     account: AccountOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    username: UserOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Print the resolved account (profile defaults applied; secrets censored)."""
     try:
-        settings = load(config, account=account)
+        settings = load(config, account=account, overrides=flag_overrides(host, port, username))
         acc = settings.account(account)
     except ConfigError as exc:
         fail(exc, as_json=as_json)

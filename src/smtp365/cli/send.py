@@ -8,7 +8,7 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -26,6 +26,16 @@ ConfigOpt = Annotated[
 AccountOpt = Annotated[
     str | None, typer.Option("--account", "-a", help="account name from the config file")
 ]
+HostOpt = Annotated[str | None, typer.Option("--host", help="override the account's host")]
+PortOpt = Annotated[int | None, typer.Option("--port", help="override the account's port")]
+UserOpt = Annotated[
+    str | None, typer.Option("--username", "-u", help="override the account's mailbox (UPN)")
+]
+
+
+def flag_overrides(host: str | None, port: int | None, username: str | None) -> dict[str, Any]:
+    """CLI flags as the top configuration layer (None: not given)."""
+    return {"host": host, "port": port, "username": username}
 
 
 def _read(path: str, what: str) -> bytes:
@@ -50,9 +60,10 @@ def deliver(
     account: str | None,
     envelope_from: str | None = None,
     recipients: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> DeliveryOutcome:
     async def run() -> DeliveryOutcome:
-        settings = load(config, account=account)
+        settings = load(config, account=account, overrides=overrides)
         async with Mailer(settings.account(), settings=settings) as mailer:
             return await mailer.send(message, envelope_from=envelope_from, recipients=recipients)
 
@@ -85,6 +96,9 @@ def send(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     config: ConfigOpt = None,
     account: AccountOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    username: UserOpt = None,
 ) -> None:
     """Send one message (plain fields, or a ready .eml file with --eml)."""
     try:
@@ -120,7 +134,12 @@ def send(
                 html=html,
                 attachments=attach or (),
             )
-        outcome = deliver(message, config=config, account=account)
+        outcome = deliver(
+            message,
+            config=config,
+            account=account,
+            overrides=flag_overrides(host, port, username),
+        )
     except Smtp365Error as exc:
         fail(exc, as_json=as_json)
     report(outcome, as_json=as_json)

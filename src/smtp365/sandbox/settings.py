@@ -1,0 +1,318 @@
+"""Typed configuration of the sandbox, loadable from an optional TOML file.
+
+Example (every key is optional)::
+
+    tenant_id = "5f0a3c1e-2b7d-4e9a-8c6f-1d2e3f4a5b6c"
+    smtp_auth_enabled = true          # Set-TransportConfig -SmtpClientAuthenticationDisabled
+    send_as_check = "data"            # or "mail"
+
+    [limits]
+    messages_per_minute = 30
+
+    [[mailboxes]]
+    address = "alice@contoso.test"
+    send_as = ["noreply@contoso.test"]
+
+    [faults.mail]
+    reply = "451 4.7.500 Access denied, please try again later"
+    probability = 0.2
+
+Passwords left empty are generated at first start and kept in
+``state_dir/secrets.json`` (see :func:`resolve_secrets`). Settings objects are
+mutable: the running sandbox reads them at every check, so a test may flip
+``settings.smtp_auth_enabled`` or a mailbox flag while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "DEFAULT_APP_ID",
+    "DEFAULT_TENANT_ID",
+    "AppSettings",
+    "FaultRule",
+    "FaultSettings",
+    "LimitSettings",
+    "MailboxSettings",
+    "SandboxSettings",
+    "Stage",
+    "STAGES",
+    "resolve_secrets",
+    "stable_uuid",
+]
+
+Stage = Literal["greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data"]
+STAGES: tuple[Stage, ...] = ("greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data")
+
+DEFAULT_TENANT_ID = "5f0a3c1e-2b7d-4e9a-8c6f-1d2e3f4a5b6c"
+DEFAULT_APP_ID = "9e5f94bc-e8a4-4e73-b8be-63364c29d753"
+DEFAULT_DOMAIN = "contoso.test"
+DEFAULT_HOSTNAME = "SBX0P365CA0001.outlook.sandbox.test"
+SECRETS_FILE = "secrets.json"
+
+_REPLY = re.compile(r"^[2-5]\d\d[ -]")
+_NAMESPACE = uuid.UUID("0f4b8b7e-6f0a-4d55-9a39-3b2a1c5e7d90")
+
+
+def stable_uuid(*parts: str) -> str:
+    """A deterministic UUID for sandbox object ids (users' ``oid``, service principals)."""
+    return str(uuid.uuid5(_NAMESPACE, "/".join(p.lower() for p in parts)))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MailboxSettings(_Model):
+    """One Exchange Online mailbox (``Set-CASMailbox`` and permission switches)."""
+
+    address: str
+    display_name: str = ""
+    password: str | None = None
+    """``None``: generated at first start and persisted. Ignored for shared mailboxes."""
+    shared: bool = False
+    """A shared mailbox has no sign-in: AUTH LOGIN always fails, XOAUTH2 works through
+    a user with ``full_access`` or an app in ``allowed_apps``."""
+    smtp_auth_enabled: bool | None = None
+    """``Set-CASMailbox -SmtpClientAuthenticationDisabled``; ``None`` follows the tenant."""
+    basic_auth_enabled: bool = True
+    """``False``: an authentication policy blocks Basic (AUTH LOGIN)."""
+    conditional_access_block: bool = False
+    """A Conditional Access policy blocks legacy sign-ins for this user (AUTH LOGIN)."""
+    send_as: list[str] = Field(default_factory=list)
+    """Other addresses this mailbox may send as (``Add-RecipientPermission``)."""
+    full_access: list[str] = Field(default_factory=list)
+    """Users whose delegated token may authenticate as this mailbox (``Add-MailboxPermission``)."""
+    allowed_apps: list[str] | None = None
+    """App ids whose app-only token may use this mailbox; ``None``: the sandbox's demo app."""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if value.count("@") != 1 or value.startswith("@") or value.endswith("@"):
+            raise ValueError(f"not an email address: {value!r}")
+        return value
+
+    def may_send_as(self, address: str) -> bool:
+        wanted = address.strip().lower()
+        return wanted == self.address.lower() or wanted in {a.lower() for a in self.send_as}
+
+
+class AppSettings(_Model):
+    """An app registration with its Exchange service principal."""
+
+    app_id: str
+    display_name: str = "smtp365 sandbox app"
+    client_secret: str | None = None
+    """``None``: generated at first start and persisted (for the identity platform)."""
+    object_id: str | None = None
+    """Object id of the enterprise application (service principal); derived when ``None``."""
+
+
+class LimitSettings(_Model):
+    """Per-mailbox limits of Exchange Online (reference §5); windows are configurable."""
+
+    messages_per_minute: int = 30
+    rate_window_seconds: float = 60.0
+    rate_limit_reply: str = "451 4.7.500 Access denied, please try again later"
+    recipients_per_day: int = 10_000
+    recipient_window_seconds: float = 86_400.0
+    max_connections: int = 3
+    max_message_size: int = 157_286_400
+    max_recipients_per_message: int = 500
+
+    @field_validator("rate_limit_reply")
+    @classmethod
+    def _reply(cls, value: str) -> str:
+        if not _REPLY.match(value + " ") or not value.startswith(("4", "5")):
+            raise ValueError("rate_limit_reply must start with a 4xx or 5xx code")
+        return value
+
+
+class FaultRule(_Model):
+    """A fault at one stage of the session.
+
+    ``reply`` replaces the server's answer (a ``421`` closes the connection);
+    ``drop`` closes the connection instead of answering (for ``data``: in the
+    middle of the message, after the first line arrived); ``delay`` waits that
+    many seconds before answering. ``probability`` draws from the seeded RNG;
+    ``times`` limits how often the rule fires (``None``: forever).
+    """
+
+    reply: str | None = None
+    drop: bool = False
+    delay: float = 0.0
+    probability: float = Field(default=1.0, ge=0.0, le=1.0)
+    times: int | None = Field(default=None, ge=1)
+
+    @field_validator("reply")
+    @classmethod
+    def _reply(cls, value: str | None) -> str | None:
+        if value is not None and not _REPLY.match(value + " "):
+            raise ValueError(
+                "fault reply must start with a three-digit code, e.g. '451 4.7.500 ...'"
+            )
+        return value
+
+
+class FaultSettings(_Model):
+    """Initial fault rules (one per stage) and the RNG seed."""
+
+    seed: int = 0
+    greeting: FaultRule | None = None
+    ehlo: FaultRule | None = None
+    starttls: FaultRule | None = None
+    auth: FaultRule | None = None
+    mail: FaultRule | None = None
+    rcpt: FaultRule | None = None
+    data: FaultRule | None = None
+
+    def rules(self) -> dict[Stage, FaultRule]:
+        found: dict[Stage, FaultRule] = {}
+        for stage in STAGES:
+            rule = getattr(self, stage)
+            if isinstance(rule, FaultRule):
+                found[stage] = rule
+        return found
+
+
+def _default_mailboxes() -> list[MailboxSettings]:
+    return [
+        MailboxSettings(
+            address=f"alice@{DEFAULT_DOMAIN}",
+            display_name="Alice Example",
+            send_as=[f"noreply@{DEFAULT_DOMAIN}"],
+        ),
+        MailboxSettings(address=f"bob@{DEFAULT_DOMAIN}", display_name="Bob Example"),
+        MailboxSettings(
+            address=f"noreply@{DEFAULT_DOMAIN}",
+            display_name="No Reply (shared)",
+            shared=True,
+            full_access=[f"alice@{DEFAULT_DOMAIN}"],
+        ),
+    ]
+
+
+def _default_apps() -> list[AppSettings]:
+    return [AppSettings(app_id=DEFAULT_APP_ID)]
+
+
+class SandboxSettings(_Model):
+    """The whole sandbox: tenant switches, mailboxes, apps, limits and faults."""
+
+    tenant_id: str = DEFAULT_TENANT_ID
+    hostname: str = DEFAULT_HOSTNAME
+    """Server name shown in the banner, EHLO and ``[Hostname=...]``."""
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 0
+    smtp_auth_enabled: bool = True
+    """Tenant-wide ``Set-TransportConfig -SmtpClientAuthenticationDisabled`` (inverted)."""
+    security_defaults: bool = False
+    """Security defaults on: legacy (Basic) sign-ins are refused for every user."""
+    send_as_check: Literal["data", "mail"] = "data"
+    token_issuer: str | None = None
+    """``iss`` of minted tokens; ``None``: ``https://sandbox.smtp365.test/{tenant_id}/v2.0``."""
+    token_audience: str = "https://outlook.office365.com"
+    idle_timeout: float = 300.0
+    mailboxes: list[MailboxSettings] = Field(default_factory=_default_mailboxes)
+    apps: list[AppSettings] = Field(default_factory=_default_apps)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    faults: FaultSettings = Field(default_factory=FaultSettings)
+
+    @classmethod
+    def load(cls, path: Path | str | None = None) -> SandboxSettings:
+        """Defaults, overlaid with the TOML file at ``path`` when given."""
+        if path is None:
+            return cls()
+        with Path(path).open("rb") as fh:
+            return cls.model_validate(tomllib.load(fh))
+
+    @property
+    def issuer(self) -> str:
+        return self.token_issuer or f"https://sandbox.smtp365.test/{self.tenant_id}/v2.0"
+
+    @property
+    def default_app_id(self) -> str:
+        return self.apps[0].app_id if self.apps else DEFAULT_APP_ID
+
+    def mailbox(self, address: str) -> MailboxSettings | None:
+        wanted = address.strip().lower()
+        for mbx in self.mailboxes:
+            if mbx.address.lower() == wanted:
+                return mbx
+        return None
+
+    def app(self, app_id: str) -> AppSettings | None:
+        for app in self.apps:
+            if app.app_id.lower() == app_id.lower():
+                return app
+        return None
+
+    def smtp_auth_effective(self, mailbox: MailboxSettings) -> bool:
+        """The mailbox switch wins over the tenant's, as in Exchange Online."""
+        if mailbox.smtp_auth_enabled is not None:
+            return mailbox.smtp_auth_enabled
+        return self.smtp_auth_enabled
+
+    def apps_for(self, mailbox: MailboxSettings) -> list[str]:
+        if mailbox.allowed_apps is not None:
+            return mailbox.allowed_apps
+        return [self.default_app_id]
+
+
+def resolve_secrets(settings: SandboxSettings, state_dir: Path) -> SandboxSettings:
+    """Fill missing passwords and client secrets, generated once and kept in ``secrets.json``.
+
+    Returns a copy; the file (mode 0600) is rewritten only when something was generated.
+    """
+    path = Path(state_dir) / SECRETS_FILE
+    try:
+        stored = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        stored = {}
+    if not isinstance(stored, dict):
+        stored = {}
+    passwords: dict[str, str] = dict(stored.get("mailboxes", {}))
+    app_secrets: dict[str, str] = dict(stored.get("apps", {}))
+    changed = False
+
+    resolved = settings.model_copy(deep=True)
+    for mbx in resolved.mailboxes:
+        if mbx.shared or mbx.password is not None:
+            continue
+        key = mbx.address.lower()
+        if key not in passwords:
+            passwords[key] = secrets.token_urlsafe(12)
+            changed = True
+        mbx.password = passwords[key]
+    for app in resolved.apps:
+        if app.object_id is None:
+            app.object_id = stable_uuid(resolved.tenant_id, "sp", app.app_id)
+        if app.client_secret is not None:
+            continue
+        key = app.app_id.lower()
+        if key not in app_secrets:
+            app_secrets[key] = secrets.token_urlsafe(24)
+            changed = True
+        app.client_secret = app_secrets[key]
+
+    if changed:
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        data = json.dumps({"mailboxes": passwords, "apps": app_secrets}, indent=2)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(data + "\n")
+        os.replace(tmp, path)
+    return resolved

@@ -1,0 +1,268 @@
+"""Fixtures for the sandbox suite: a shared PKI seed, running sandboxes and a raw SMTP client.
+
+The clients here are the standard library only (``socket``, ``ssl``,
+``smtplib``): the sandbox is the oracle for smtp365's own client, so that
+client is never used to test it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import shutil
+import socket
+import ssl
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from smtp365.sandbox import Sandbox, SandboxSettings, ensure_pki
+
+PKI_FILES = ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "token-key.pem")
+
+
+@pytest.fixture(scope="session")
+def pki_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generate the RSA keys once per session; each test copies them (they are reused)."""
+    seed = tmp_path_factory.mktemp("pki-seed")
+    ensure_pki(seed)
+    return seed
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, pki_seed: Path) -> Path:
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in PKI_FILES:
+        shutil.copy2(pki_seed / name, state / name)
+    return state
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+StartSandbox = Callable[..., Sandbox]
+
+
+@pytest.fixture
+def start_sandbox(state_dir: Path) -> Iterator[StartSandbox]:
+    """``start_sandbox(settings=None, clock=None)``: a sandbox in a thread until teardown."""
+    with contextlib.ExitStack() as stack:
+
+        def start(
+            settings: SandboxSettings | None = None, clock: Callable[[], float] | None = None
+        ) -> Sandbox:
+            sandbox = Sandbox(state_dir, settings, clock=clock)
+            return stack.enter_context(sandbox.run_in_thread())
+
+        yield start
+
+
+@pytest.fixture
+def sandbox(start_sandbox: StartSandbox) -> Sandbox:
+    return start_sandbox()
+
+
+@dataclass
+class Resp:
+    code: int
+    lines: list[str]
+    """Text of each line after the code and separator."""
+
+    @property
+    def raw(self) -> str:
+        """The last line as sent, e.g. ``250 2.1.0 Sender OK``."""
+        return f"{self.code} {self.lines[-1]}"
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class Wire:
+    """A bare SMTP client on a socket: send lines, read replies exactly as sent."""
+
+    def __init__(self, port: int, *, timeout: float = 10.0) -> None:
+        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.read()
+
+    def read(self) -> Resp:
+        lines: list[str] = []
+        while True:
+            raw = self.file.readline()
+            if not raw:
+                raise EOFError("server closed the connection")
+            line = raw.decode("utf-8").rstrip("\r\n")
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                return Resp(int(line[:3]), lines)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def cmd(self, line: str) -> Resp:
+        self.send(line.encode("utf-8") + b"\r\n")
+        return self.read()
+
+    def ehlo(self, name: str = "client.example") -> Resp:
+        return self.cmd(f"EHLO {name}")
+
+    def starttls(self, context: ssl.SSLContext) -> Resp:
+        resp = self.cmd("STARTTLS")
+        if resp.code == 220:
+            self.file.close()
+            self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
+            self.file = self.sock.makefile("rb")
+        return resp
+
+    def secure(self, context: ssl.SSLContext) -> None:
+        """EHLO, STARTTLS, EHLO."""
+        assert self.ehlo().code == 250
+        assert self.starttls(context).code == 220
+        assert self.ehlo().code == 250
+
+    def auth_login(self, user: str, password: str) -> Resp:
+        first = self.cmd("AUTH LOGIN")
+        if first.code != 334:
+            return first
+        assert first.raw == "334 VXNlcm5hbWU6"
+        second = self.cmd(base64.b64encode(user.encode()).decode())
+        if second.code != 334:
+            return second
+        assert second.raw == "334 UGFzc3dvcmQ6"
+        return self.cmd(base64.b64encode(password.encode()).decode())
+
+    def auth_xoauth2(self, user: str, token: str, *, initial: bool = True) -> Resp:
+        blob = base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+        if initial:
+            return self.cmd(f"AUTH XOAUTH2 {blob}")
+        challenge = self.cmd("AUTH XOAUTH2")
+        if challenge.code != 334:
+            return challenge
+        return self.cmd(blob)
+
+    def send_message(self, mail_from: str, rcpts: list[str], content: bytes) -> Resp:
+        """MAIL, RCPT(s), DATA; returns the first failing reply or the final one."""
+        resp = self.cmd(f"MAIL FROM:<{mail_from}>")
+        if resp.code != 250:
+            return resp
+        for rcpt in rcpts:
+            resp = self.cmd(f"RCPT TO:<{rcpt}>")
+            if resp.code != 250:
+                return resp
+        resp = self.cmd("DATA")
+        if resp.code != 354:
+            return resp
+        self.send(content + b".\r\n")
+        return self.read()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self) -> Wire:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture
+def wire() -> Iterator[Callable[[Sandbox], Wire]]:
+    """``wire(sb)``: open a raw connection to ``sb`` (closed at teardown)."""
+    opened: list[Wire] = []
+
+    def connect(sb: Sandbox) -> Wire:
+        client = Wire(sb.smtp_port)
+        opened.append(client)
+        return client
+
+    yield connect
+    for client in opened:
+        client.close()
+
+
+def tls_for(sb: Sandbox) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(sb.ca_file))
+
+
+def legacy_tls_context(ca_file: Path) -> ssl.SSLContext:
+    """A client context limited to TLS 1.1 (deprecated: warnings suppressed locally)."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return ctx
+
+
+def message(
+    sender: str = "alice@contoso.test", subject: str = "Hello", body: str = "Hi there."
+) -> bytes:
+    return (
+        f"From: {sender}\r\nTo: someone@example.net\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '-')}@client.example>\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+@pytest.fixture
+def secured(wire: Callable[[Sandbox], Wire]) -> Callable[[Sandbox], Wire]:
+    """``secured(sb)``: a connection after EHLO, STARTTLS, EHLO."""
+
+    def connect(sb: Sandbox) -> Wire:
+        client = wire(sb)
+        client.secure(tls_for(sb))
+        return client
+
+    return connect
+
+
+@pytest.fixture
+def authed(secured: Callable[[Sandbox], Wire]) -> Callable[..., Wire]:
+    """``authed(sb, address="alice@contoso.test")``: a TLS session after AUTH LOGIN."""
+
+    def login(sb: Sandbox, address: str = "alice@contoso.test") -> Wire:
+        client = secured(sb)
+        resp = client.auth_login(address, sb.password(address))
+        assert resp.raw == "235 2.7.0 Authentication successful", resp
+        return client
+
+    return login
+
+
+@pytest.fixture
+def make_message() -> Callable[..., bytes]:
+    """``make_message(sender=..., subject=..., body=...)``: RFC 5322 bytes with CRLF ends."""
+    return message
+
+
+@pytest.fixture
+def legacy_tls() -> Callable[[Path], ssl.SSLContext]:
+    """``legacy_tls(ca_file)``: a client context limited to TLS 1.1."""
+    return legacy_tls_context
+
+
+@pytest.fixture
+def client_tls() -> Callable[[Sandbox], ssl.SSLContext]:
+    """``client_tls(sb)``: a client context trusting the sandbox's CA."""
+    return tls_for
