@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from smtp365 import Mailer, SubmissionRejected, SyncMailer
+from smtp365.auth import StaticTokenProvider
 from smtp365.config import Account, AccountSettings
 from smtp365.config.model import resolve
-from smtp365.errors import AuthenticationRejected, BasicAuthWarning
+from smtp365.errors import AuthenticationRejected, AuthError, BasicAuthWarning
 from smtp365.sandbox import Sandbox, SandboxSettings
 from smtp365.sandbox.settings import LimitSettings, MailboxSettings
 
@@ -112,19 +113,37 @@ async def test_wrong_password(sandbox: Sandbox) -> None:
     assert info.value.entry is not None and info.value.entry.key == "bad-password"
 
 
-@pytest.mark.parametrize(
-    "token_kw",
+BAD_TOKENS = pytest.mark.parametrize(
+    ("token_kw", "message"),
     [
-        {"audience": "https://graph.microsoft.com"},
-        {"lifetime": -60},
-        {"scopes": ["Mail.Read"]},
+        ({"audience": "https://graph.microsoft.com"}, "is for Microsoft Graph"),
+        ({"lifetime": -60}, "expired"),
+        ({"scopes": ["Mail.Read"]}, "has no SMTP.Send"),
     ],
     ids=["graph-audience", "expired", "missing-scope"],
 )
-async def test_bad_tokens_give_535_5_7_3(sandbox: Sandbox, token_kw: dict[str, Any]) -> None:
+
+
+@BAD_TOKENS
+async def test_bad_tokens_refused_before_auth(
+    sandbox: Sandbox, token_kw: dict[str, Any], message: str
+) -> None:
     acc = account_for(sandbox, token=sandbox.issue_token(ALICE, **token_kw))
-    with pytest.raises(AuthenticationRejected) as info:
+    with pytest.raises(AuthError, match=message) as info:
         async with Mailer(acc) as m:
+            await m.send(to="x@example.net", text="x")
+    assert info.value.fix
+    assert sandbox.stats.snapshot()["auth_failures"] == 0, "no AUTH was even attempted"
+
+
+@BAD_TOKENS
+async def test_server_refuses_bad_tokens_with_535_5_7_3(
+    sandbox: Sandbox, token_kw: dict[str, Any], message: str
+) -> None:
+    token = sandbox.issue_token(ALICE, **token_kw)
+    unchecked = StaticTokenProvider(token)  # no client-side claims check: the server decides
+    with pytest.raises(AuthenticationRejected) as info:
+        async with Mailer(account_for(sandbox, token=token), token_provider=unchecked) as m:
             await m.send(to="x@example.net", text="x")
     err = info.value
     assert (err.code, err.enhanced) == (535, "5.7.3")

@@ -234,6 +234,19 @@ def test_every_account_key_has_a_variable(env: dict[str, str], tmp_path: Path) -
         "token_file": str(tmp_path / "tok"),
         "timeout": "12.5",
         "ehlo_name": "client.example.org",
+        "flow": "device-code",
+        "tenant": "contoso.onmicrosoft.com",
+        "client_id": "11111111-2222-3333-4444-555555555555",
+        "client_secret": "cs",
+        "client_secret_env": "BOB_CS",
+        "client_secret_file": str(tmp_path / "cs"),
+        "certificate_file": str(tmp_path / "cert.pem"),
+        "private_key_file": str(tmp_path / "key.pem"),
+        "authority_host": "https://login.microsoftonline.us",
+        "token_cache": str(tmp_path / "cache.json"),
+        "cache_key_env": "BOB_CACHE_KEY",
+        "cache_key_file": str(tmp_path / "cache.key"),
+        "refresh_window": "30",
     }
     assert set(values) == set(Account.model_fields)
     variables = {f"SMTP365_{key.upper()}": value for key, value in values.items()}

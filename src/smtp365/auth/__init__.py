@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
+
+from smtp365.config import AccountSettings, Flow
+
+Target = Literal["smtp", "graph"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,16 +31,34 @@ class TokenProvider(Protocol):
 
 
 class StaticTokenProvider:
-    """Always returns the same token (from config, an env var or a file)."""
+    """Always returns the same token (from config, an env var or a file).
 
-    def __init__(self, token: str) -> None:
+    With ``check`` set, a JWT's claims are checked for that target before it is
+    handed out, so a wrong audience or an expired token is named precisely.
+    """
+
+    def __init__(self, token: str, *, check: Target | None = None) -> None:
         self._token = AccessToken(token=token)
+        self._check = check
 
     def __repr__(self) -> str:
         return "StaticTokenProvider(token=***)"
 
     async def get_token(self, *, force_refresh: bool = False) -> AccessToken:
+        if self._check is not None:
+            from smtp365.auth import claims
+
+            claims.require(self._token.token, self._check)
         return self._token
 
 
-__all__ = ["AccessToken", "StaticTokenProvider", "TokenProvider"]
+def provider_for(account: AccountSettings, *, target: Target = "smtp") -> TokenProvider:
+    """The token provider an account's settings ask for (static token or an MSAL flow)."""
+    if account.flow is Flow.STATIC:
+        return StaticTokenProvider(account.token_value(), check=target)
+    from smtp365.auth.msal_provider import MsalTokenProvider
+
+    return MsalTokenProvider(account, target=target)
+
+
+__all__ = ["AccessToken", "StaticTokenProvider", "TokenProvider", "provider_for"]

@@ -11,6 +11,7 @@ from smtp365.config.model import (
     MICROSOFT_PROFILES,
     AccountSettings,
     AuthMethod,
+    Flow,
     Profile,
     Settings,
     TLSMode,
@@ -161,16 +162,10 @@ def _rules(acc: AccountSettings, secrets_in_file: Any) -> Any:
                 "already block it (535 5.7.139)",
                 'move to OAuth2: auth = "xoauth2" (docs/authentication.md)',
             )
-    if acc.auth is AuthMethod.XOAUTH2 and not acc.has_secret("token"):
-        yield Finding(
-            E,
-            "no-token",
-            'auth = "xoauth2" but no access token source is configured',
-            "XOAUTH2 needs an OAuth2 access token for https://outlook.office365.com",
-            "set token_env or token_file (or SMTP365_TOKEN)",
-        )
+    if acc.auth is AuthMethod.XOAUTH2:
+        yield from _oauth_rules(acc)
 
-    for kind in ("password", "token"):
+    for kind in ("password", "token", "client_secret"):
         if kind in secrets_in_file:
             yield Finding(
                 W,
@@ -243,3 +238,55 @@ def _rules(acc: AccountSettings, secrets_in_file: Any) -> Any:
                 "mail to external domains is refused (5.7.1 Unable to relay)",
                 'use profile = "office365" or "relay-connector" for external recipients',
             )
+
+
+def _oauth_rules(acc: AccountSettings) -> Any:
+    E = Level.ERROR
+    if acc.flow is Flow.STATIC:
+        if not acc.has_secret("token"):
+            yield Finding(
+                E,
+                "no-token",
+                'auth = "xoauth2" but no access token source is configured',
+                "XOAUTH2 needs an OAuth2 access token for https://outlook.office365.com",
+                "set client_id (and tenant) to let smtp365 get tokens through MSAL "
+                "(docs/authentication.md), or token_env / token_file (or SMTP365_TOKEN)",
+            )
+        return
+    if not acc.client_id:
+        yield Finding(
+            E,
+            "no-client-id",
+            f"flow = {acc.flow.value!r} but no client_id is set",
+            "MSAL signs in as an app registration, named by its Application (client) ID",
+            "set client_id to the app registration's Application (client) ID",
+        )
+    if acc.flow is Flow.CLIENT_CREDENTIALS:
+        if not acc.tenant or acc.tenant.lower() in ("common", "organizations", "consumers"):
+            yield Finding(
+                E,
+                "no-tenant",
+                "the client-credentials flow needs a specific tenant",
+                "an app-only token is issued by one tenant: /common or /organizations cannot",
+                "set tenant to your tenant id or domain (e.g. contoso.onmicrosoft.com)",
+            )
+        has_cert = acc.raw.certificate_file is not None
+        if not has_cert and not acc.has_secret("client_secret"):
+            yield Finding(
+                E,
+                "no-client-credential",
+                "the client-credentials flow has neither a client secret nor a certificate",
+                "the app must prove who it is",
+                "set client_secret_env / client_secret_file, or certificate_file + "
+                "private_key_file",
+            )
+        for key in ("certificate_file", "private_key_file"):
+            path = getattr(acc.raw, key)
+            if path is not None and not path.expanduser().is_file():
+                yield Finding(
+                    E,
+                    f"{key.replace('_', '-')}-missing",
+                    f"{key} {path} does not exist",
+                    "the certificate credential cannot be loaded",
+                    f"point {key} at a PEM file",
+                )

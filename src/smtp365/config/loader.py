@@ -17,6 +17,7 @@ from smtp365.config.model import Account, Settings
 from smtp365.errors import ConfigError
 
 ENV_PREFIX = "SMTP365_"
+SECRET_KINDS = ("password", "token", "client_secret")
 FILE_NAME = "smtp365.toml"
 # Environment variables that are not account keys.
 _GLOBAL_ENV = {"SMTP365_CONFIG", "SMTP365_ACCOUNT"}
@@ -26,6 +27,11 @@ def default_paths(env: Mapping[str, str]) -> list[Path]:
     """Where a config file is looked for when none is named: ./smtp365.toml, then XDG."""
     xdg = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")) / ".config")
     return [Path.cwd() / FILE_NAME, Path(xdg).expanduser() / "smtp365" / FILE_NAME]
+
+
+def _state_home(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "~")) / ".local" / "state")
+    return Path(base).expanduser() / "smtp365"
 
 
 def find_config(path: str | Path | None, env: Mapping[str, str]) -> Path | None:
@@ -101,10 +107,12 @@ def load(
     try:
         accounts = data.get("accounts") or {}
         inline = {
-            name: [k for k in ("password", "token") if isinstance(acc, dict) and k in acc]
+            name: [k for k in SECRET_KINDS if isinstance(acc, dict) and k in acc]
             for name, acc in (accounts.items() if isinstance(accounts, dict) else ())
         }
-        settings = Settings.model_validate({**data, "source": source, "inline_secrets": inline})
+        settings = Settings.model_validate(
+            {**data, "source": source, "inline_secrets": inline, "state_home": _state_home(env)}
+        )
     except ValidationError as exc:
         raise _explain(exc, source) from None
 
@@ -121,7 +129,7 @@ def load(
             # environment and flags define one completely.
             settings.account(chosen)  # raises a ConfigError naming the known accounts
         below = base.model_dump(exclude_unset=True) if base else {}
-        for kind in ("password", "token"):
+        for kind in (*SECRET_KINDS, "cache_key"):
             # A secret source set at a higher layer replaces every source below it.
             if any(k in layered for k in (kind, f"{kind}_env", f"{kind}_file")):
                 for k in (kind, f"{kind}_env", f"{kind}_file"):

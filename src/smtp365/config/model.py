@@ -36,6 +36,18 @@ class AuthMethod(StrEnum):
     NONE = "none"
 
 
+class Flow(StrEnum):
+    """How an OAuth2 access token is obtained (auth = "xoauth2")."""
+
+    STATIC = "static"  # a token given in token / token_env / token_file
+    CLIENT_CREDENTIALS = "client-credentials"  # app-only: client secret or certificate
+    DEVICE_CODE = "device-code"  # delegated: a user signs in on another device
+    INTERACTIVE = "interactive"  # delegated: browser sign-in, code + PKCE on localhost
+
+
+DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
+
+
 @dataclass(frozen=True, slots=True)
 class ProfileDefaults:
     host: str | None
@@ -106,6 +118,20 @@ class Account(BaseModel):
     token_file: Path | None = None
     timeout: float = Field(default=60.0, gt=0)
     ehlo_name: str | None = None
+    # OAuth2 through MSAL
+    flow: Flow | None = None
+    tenant: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    client_secret_env: str | None = None
+    client_secret_file: Path | None = None
+    certificate_file: Path | None = None
+    private_key_file: Path | None = None
+    authority_host: str = DEFAULT_AUTHORITY_HOST
+    token_cache: Path | None = None
+    cache_key_env: str | None = None
+    cache_key_file: Path | None = None
+    refresh_window: float = Field(default=300.0, ge=0)
 
     @field_validator("tls", mode="before")
     @classmethod
@@ -116,7 +142,7 @@ class Account(BaseModel):
                 return TLSMode.IMPLICIT
         return value
 
-    @field_validator("profile", "auth", mode="before")
+    @field_validator("profile", "auth", "flow", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -138,6 +164,8 @@ class Settings(BaseModel):
     default_account: str = "default"
     accounts: dict[str, Account] = Field(default_factory=dict)
     source: str = Field(default="(defaults)", exclude=True)
+    # where per-account state (token caches) lives; set by the loader from XDG_STATE_HOME
+    state_home: Path = Field(default=Path("~/.local/state/smtp365"), exclude=True)
     # account name -> secret keys ("password", "token") written inline in the file
     inline_secrets: dict[str, list[str]] = Field(default_factory=dict, exclude=True)
 
@@ -146,13 +174,13 @@ class Settings(BaseModel):
         wanted = name or self.default_account
         if wanted not in self.accounts:
             if name is None and not self.accounts:
-                return resolve("default", Account(), self.source)
+                return resolve("default", Account(), self.source, self.state_home)
             known = ", ".join(sorted(self.accounts)) or "none"
             raise ConfigError(
                 f"no account named {wanted!r} in {self.source} (accounts: {known})",
                 fix=f"add an [accounts.{wanted}] table, or pick one of: {known}",
             )
-        return resolve(wanted, self.accounts[wanted], self.source)
+        return resolve(wanted, self.accounts[wanted], self.source, self.state_home)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +205,12 @@ class AccountSettings:
     ehlo_name: str | None
     raw: Account
     source: str
+    flow: Flow
+    tenant: str | None
+    client_id: str | None
+    authority_host: str
+    token_cache: Path
+    refresh_window: float
 
     @property
     def sender(self) -> str | None:
@@ -189,12 +223,45 @@ class AccountSettings:
     def token_value(self) -> str:
         return _secret(self, "token")
 
+    def client_secret_value(self) -> str:
+        return _secret(self, "client_secret")
+
+    def cache_key_value(self) -> str | None:
+        """The token cache encryption key, or ``None`` when the cache is not encrypted."""
+        if not (self.raw.cache_key_env or self.raw.cache_key_file):
+            return None
+        return _secret(self, "cache_key")
+
+    @property
+    def authority(self) -> str:
+        return f"{self.authority_host.rstrip('/')}/{self.tenant or 'organizations'}"
+
     def has_secret(self, kind: str) -> bool:
         raw = self.raw
         return any(getattr(raw, attr) is not None for attr in (kind, f"{kind}_env", f"{kind}_file"))
 
 
-def resolve(name: str, account: Account, source: str) -> AccountSettings:
+def _flow(account: Account) -> Flow:
+    if account.flow is not None:
+        return account.flow
+    if any(getattr(account, k) is not None for k in ("token", "token_env", "token_file")):
+        return Flow.STATIC
+    if account.certificate_file is not None or any(
+        getattr(account, k) is not None
+        for k in ("client_secret", "client_secret_env", "client_secret_file")
+    ):
+        return Flow.CLIENT_CREDENTIALS
+    if account.client_id:
+        return Flow.DEVICE_CODE
+    return Flow.STATIC
+
+
+def resolve(
+    name: str,
+    account: Account,
+    source: str,
+    state_home: Path = Path("~/.local/state/smtp365"),
+) -> AccountSettings:
     defaults = PROFILES[account.profile]
     host = account.host or defaults.host
     if not host:
@@ -223,6 +290,12 @@ def resolve(name: str, account: Account, source: str) -> AccountSettings:
         ehlo_name=account.ehlo_name,
         raw=account,
         source=source,
+        flow=_flow(account),
+        tenant=account.tenant,
+        client_id=account.client_id,
+        authority_host=account.authority_host,
+        token_cache=(account.token_cache or state_home / "tokens" / f"{name}.json").expanduser(),
+        refresh_window=account.refresh_window,
     )
 
 
@@ -256,6 +329,12 @@ def _secret(account: AccountSettings, kind: str) -> str:
                 fix=f"write the {kind} into {file_path} (one line), or point {kind}_file elsewhere",
             )
         return value
+    if kind == "client_secret":
+        raise ConfigError(
+            f"account {account.name!r} uses the client-credentials flow but has no client secret",
+            fix="set client_secret_env or client_secret_file, or certificate_file + "
+            "private_key_file for certificate credentials",
+        )
     raise ConfigError(
         f"account {account.name!r} uses auth = {account.auth.value!r} but has no {kind}",
         fix=f"set {kind}_env (an environment variable) or {kind}_file (a file readable only by "

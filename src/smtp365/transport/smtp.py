@@ -36,7 +36,7 @@ from aiosmtplib import (
 )
 
 from smtp365 import replies
-from smtp365.auth import StaticTokenProvider, TokenProvider
+from smtp365.auth import StaticTokenProvider, TokenProvider, provider_for
 from smtp365.config import AccountSettings, AuthMethod, TLSMode
 from smtp365.errors import (
     AuthenticationRejected,
@@ -291,9 +291,19 @@ class SmtpTransport:
                 temporary=False,
             )
         if a.auth is AuthMethod.XOAUTH2:
-            provider = self._token_provider or StaticTokenProvider(a.token_value())
+            if self._token_provider is None:
+                self._token_provider = provider_for(a, target="smtp")
+            provider = self._token_provider
             token = await provider.get_token()
-            await self._guard("auth", smtp.auth_xoauth2(user, token.token))
+            try:
+                await self._guard("auth", smtp.auth_xoauth2(user, token.token))
+            except AuthenticationRejected as exc:
+                if exc.code != 535 or isinstance(provider, StaticTokenProvider):
+                    raise
+                # The token may have been revoked server-side: one fresh token, one retry.
+                log.info("XOAUTH2 refused for %s; retrying once with a fresh token", user)
+                token = await provider.get_token(force_refresh=True)
+                await self._guard("auth", smtp.auth_xoauth2(user, token.token))
         else:
             warnings.warn(
                 "AUTH LOGIN (Basic authentication) is being retired by Microsoft; "
