@@ -146,3 +146,13 @@ def load(
             }
         )
     return settings
+
+
+def has_display(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a browser can be opened here (a desktop session), for `auth login`."""
+    import sys
+
+    env = os.environ if env is None else env
+    return sys.platform in ("darwin", "win32") or bool(
+        env.get("DISPLAY") or env.get("WAYLAND_DISPLAY")
+    )
