@@ -72,7 +72,8 @@ def check(
     aud = _aud(claims)
     roles = claims.get("roles") or []
     scp = str(claims.get("scp") or "").split()
-    app_only = not scp and bool(roles)
+    # App-only tokens carry no scp at all (Entra may also say idtyp=app); delegated ones do.
+    app_only = claims.get("idtyp") == "app" or "scp" not in claims
     perms = tuple(str(r) for r in roles) if app_only else tuple(scp)
     exp = claims.get("exp")
     user = claims.get("upn") or claims.get("preferred_username") or claims.get("unique_name")

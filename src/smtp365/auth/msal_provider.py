@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import urllib.parse
+import warnings
 import webbrowser
 from collections.abc import Callable
 from pathlib import Path
@@ -347,11 +348,18 @@ class MsalTokenProvider:
 
             def start(app: msal.ClientApplication) -> dict[str, Any]:
                 assert isinstance(app, msal.PublicClientApplication)
-                flow: dict[str, Any] = app.initiate_auth_code_flow(
-                    self.scopes,
-                    redirect_uri=f"http://localhost:{port}",
-                    login_hint=self.account.username,
-                )
+                with warnings.catch_warnings():
+                    # MSAL suggests response_mode=form_post; a query-mode code on a
+                    # loopback redirect is what RFC 8252 describes for native apps, and
+                    # PKCE binds the code to this process.
+                    warnings.filterwarnings(
+                        "ignore", message="response_mode=", category=UserWarning
+                    )
+                    flow: dict[str, Any] = app.initiate_auth_code_flow(
+                        self.scopes,
+                        redirect_uri=f"http://localhost:{port}",
+                        login_hint=self.account.username,
+                    )
                 return flow
 
             flow = self._with_cache(start)
