@@ -169,7 +169,7 @@ def _rules(acc: AccountSettings, secrets_in_file: Any) -> Any:
         if kind in secrets_in_file:
             yield Finding(
                 W,
-                f"{kind}-in-file",
+                f"{kind.replace('_', '-')}-in-file",
                 f"the {kind} is written in the config file {acc.source}",
                 "a config file is easily copied, shared or committed",
                 f"move it to {kind}_env or {kind}_file",
@@ -178,7 +178,7 @@ def _rules(acc: AccountSettings, secrets_in_file: Any) -> Any:
         if secret_file is not None and not secret_file.expanduser().is_file():
             yield Finding(
                 E,
-                f"{kind}-file-missing",
+                f"{kind.replace('_', '-')}-file-missing",
                 f"{kind}_file {secret_file} does not exist",
                 f"the {kind} cannot be read, so authentication will fail",
                 f"create {secret_file} (mode 600) or point {kind}_file elsewhere",
@@ -186,7 +186,7 @@ def _rules(acc: AccountSettings, secrets_in_file: Any) -> Any:
         elif secret_file is not None and not file_is_private(secret_file):
             yield Finding(
                 W,
-                f"{kind}-file-readable",
+                f"{kind.replace('_', '-')}-file-readable",
                 f"{kind}_file {secret_file} is readable by other users",
                 "anyone on this machine could read the secret",
                 f"chmod 600 {secret_file}",
