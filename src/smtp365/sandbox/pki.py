@@ -1,4 +1,5 @@
-"""Private PKI of the sandbox: a CA, a server certificate and the token signing key.
+"""Private PKI of the sandbox: a CA, a server certificate and the token signing key,
+plus the self-signed client certificates of app registrations (certificate credentials).
 
 Everything lives in the state directory and is reused as long as it is still
 valid, so a client configured once with ``ca.pem`` keeps working across
@@ -19,9 +20,18 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Pki", "ensure_pki", "jwk_thumbprint", "load_token_key"]
+__all__ = [
+    "ClientCertificate",
+    "Pki",
+    "certificate_thumbprints",
+    "ensure_client_certificate",
+    "ensure_pki",
+    "jwk_thumbprint",
+    "load_token_key",
+]
 
 CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
@@ -31,8 +41,10 @@ TOKEN_KEY_FILE = "token-key.pem"
 
 SERVER_DNS_NAMES = ("localhost",)
 SERVER_IPS = ("127.0.0.1", "::1")
+CLIENT_CERT_NAME = "client"
 _CA_DAYS = 3650
 _SERVER_DAYS = 397
+_CLIENT_DAYS = 730
 _RENEW_MARGIN = dt.timedelta(days=7)
 
 
@@ -81,6 +93,89 @@ def ensure_pki(state_dir: Path) -> Pki:
         token_key=token_file,
         token_kid=jwk_thumbprint(token_key.public_key()),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """A generated app credential: PEM certificate, PEM key (0600) and both as PKCS#12 (0600).
+
+    ``thumbprint`` is the SHA-1 hex the Entra portal shows (MSAL's ``thumbprint``);
+    ``thumbprint_sha256`` the SHA-256 hex (``x5t#S256``).
+    """
+
+    cert_file: Path
+    key_file: Path
+    pfx_file: Path
+    thumbprint: str
+    thumbprint_sha256: str
+
+
+def certificate_thumbprints(cert: x509.Certificate) -> tuple[str, str]:
+    """(SHA-1, SHA-256) fingerprints of ``cert`` as upper-case hex."""
+    sha1 = cert.fingerprint(hashes.SHA1()).hex().upper()  # x5t is SHA-1 by RFC 7515
+    return sha1, cert.fingerprint(hashes.SHA256()).hex().upper()
+
+
+def ensure_client_certificate(
+    state_dir: Path, name: str = CLIENT_CERT_NAME, *, subject: str = "smtp365 sandbox app"
+) -> ClientCertificate:
+    """Create (or reuse) a self-signed certificate credential ``{name}-cert.pem`` with its key
+    ``{name}-key.pem`` and ``{name}-cert.pfx`` (no password) under ``state_dir``."""
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cert_file = state_dir / f"{name}-cert.pem"
+    key_file = state_dir / f"{name}-key.pem"
+    pfx_file = state_dir / f"{name}-cert.pfx"
+    loaded = _load_pair(cert_file, key_file)
+    if loaded is None:
+        loaded = _make_client_cert(subject)
+        _write(key_file, _key_pem(loaded[1]), private=True)
+        _write(cert_file, loaded[0].public_bytes(serialization.Encoding.PEM))
+        _unlink(pfx_file)
+    cert, key = loaded
+    if not pfx_file.exists():
+        pfx = pkcs12.serialize_key_and_certificates(
+            subject.encode(), key, cert, None, serialization.NoEncryption()
+        )
+        _write(pfx_file, pfx, private=True)
+    sha1, sha256 = certificate_thumbprints(cert)
+    return ClientCertificate(cert_file, key_file, pfx_file, sha1, sha256)
+
+
+def _load_pair(
+    cert_file: Path, key_file: Path
+) -> tuple[x509.Certificate, rsa.RSAPrivateKey] | None:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        key = serialization.load_pem_private_key(
+            key_file.read_bytes(), password=None, unsafe_skip_rsa_key_validation=True
+        )
+    except (OSError, ValueError):
+        return None
+    if not isinstance(key, rsa.RSAPrivateKey) or not _valid_now(cert):
+        return None
+    if not _same_key(cert, key):
+        return None
+    return cert, key
+
+
+def _make_client_cert(subject: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=_CLIENT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
 
 
 def load_token_key(path: Path) -> rsa.RSAPrivateKey:

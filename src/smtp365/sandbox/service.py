@@ -10,7 +10,15 @@
      "token": {"issuer": "...", "audience": "https://outlook.office365.com", "kid": "...",
                "app_id": "<demo app id>", "key_file": "/abs/state/token-key.pem",
                "how": "smtp365 sandbox token --state-dir /abs/state --mailbox ADDRESS"},
-     "apps": [{"app_id", "display_name", "client_secret", "object_id"}],
+     "identity": {"authority": "https://localhost:PORT/<tenant id>", "host": "127.0.0.1",
+                  "port": PORT, "tenant_id": "...", "openid_configuration": "...",
+                  "token_endpoint": "...", "devicelogin_url": "https://localhost:PORT/devicelogin",
+                  "ca_file": "/abs/state/ca.pem"}  (null when identity_enabled is false),
+     "apps": [{"app_id", "display_name", "client_secret" (null for public clients), "object_id",
+               "public_client", "redirect_uris", "certificates": ["/abs/cert.pem", ...],
+               "certificate_file", "private_key_file", "pfx_file", "thumbprint",
+               "thumbprint_sha256" (the generated credential, else null),
+               "app_permissions", "delegated_permissions"}],
      "mailboxes": [{"address", "display_name", "password" (null for shared), "shared",
                     "smtp_auth_enabled" (effective), "basic_auth_enabled", "send_as",
                     "full_access", "allowed_apps"}],
@@ -38,8 +46,10 @@ from types import TracebackType
 from typing import Any
 
 from .faults import Faults
-from .pki import Pki, ensure_pki
-from .settings import SandboxSettings, resolve_secrets
+from .httpserver import HttpServer
+from .identity import IdentityPlatform
+from .pki import CLIENT_CERT_NAME, ClientCertificate, Pki, ensure_client_certificate, ensure_pki
+from .settings import AppSettings, SandboxSettings, resolve_secrets
 from .smtp import ExchangeSMTP, ServerContext
 from .state import Stats, Usage
 from .store import MessageStore
@@ -49,6 +59,7 @@ __all__ = [
     "INFO_FILE",
     "Sandbox",
     "SandboxError",
+    "identity_tls_context",
     "list_messages",
     "mint_token",
     "read_info",
@@ -77,6 +88,14 @@ def server_tls_context(pki: Pki) -> ssl.SSLContext:
     return ctx
 
 
+def identity_tls_context(pki: Pki) -> ssl.SSLContext:
+    """TLS for the identity platform: 1.2 or later, as login.microsoftonline.com requires."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 def _utcnow() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -94,10 +113,12 @@ class Sandbox:
     """A local Exchange Online look-alike.
 
     ``async with Sandbox(tmp_path) as sb:`` listens on ``sb.smtp_host:sb.smtp_port``
-    (port 0 = any free port) with STARTTLS under ``sb.ca_file``. The state
-    directory, PKI, secrets and token issuer are ready right after construction;
-    the listener only between :meth:`start` and :meth:`stop`. ``clock`` (monotonic
-    seconds) drives the per-mailbox rate and recipient windows.
+    (port 0 = any free port) with STARTTLS under ``sb.ca_file``, and serves the identity
+    platform (an Entra ID look-alike for MSAL) over HTTPS at ``sb.authority``. The state
+    directory, PKI, secrets, client certificates and token issuer are ready right after
+    construction; the listeners only between :meth:`start` and :meth:`stop`. ``clock``
+    (monotonic seconds) drives the per-mailbox rate and recipient windows; ``wall_clock``
+    (epoch seconds) the identity platform's lifetimes and expiries.
     """
 
     def __init__(
@@ -106,6 +127,7 @@ class Sandbox:
         settings: SandboxSettings | None = None,
         *,
         clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -119,16 +141,42 @@ class Sandbox:
             default_app_id=self.settings.default_app_id,
             audience=self.settings.token_audience,
         )
+        self.client_certificates = self._ensure_client_certificates()
+        """Generated certificate credentials by app id (apps whose ``certificates`` was unset)."""
         self.store = MessageStore(self.state_dir / MESSAGES_DIR)
         self.faults = Faults(self.settings.faults)
         self.stats = Stats()
         self.usage = Usage(clock or time.monotonic)
+        self.identity = IdentityPlatform(self.settings, self.issuer, now=wall_clock or time.time)
+        """The Entra ID look-alike: ``approve_device_code``, ``revoke_refresh_tokens``, stats."""
         self.info_file = self.state_dir / INFO_FILE
         self.smtp_host = self.settings.smtp_host
         self.smtp_port = 0
+        self.identity_port = 0
         self._server: asyncio.Server | None = None
+        self._http: HttpServer | None = None
         self._ctx: ServerContext | None = None
         self._started_at = ""
+
+    def _ensure_client_certificates(self) -> dict[str, ClientCertificate]:
+        made: dict[str, ClientCertificate] = {}
+        for app in self.settings.apps:
+            if app.certificates is not None:
+                continue
+            if app.public_client:
+                app.certificates = []
+                continue
+            first = app.app_id == self.settings.default_app_id
+            name = CLIENT_CERT_NAME if first else f"client-{app.app_id.lower()}"
+            cert = ensure_client_certificate(self.state_dir, name, subject=app.display_name)
+            app.certificates = [str(cert.cert_file)]
+            made[app.app_id] = cert
+        return made
+
+    @property
+    def authority(self) -> str:
+        """MSAL's ``authority``: ``https://localhost:{identity_port}/{tenant_id}``."""
+        return self.identity.authority
 
     # ----------------------------------------------------------- life cycle
 
@@ -150,11 +198,27 @@ class Sandbox:
             tls_context=server_tls_context(self.pki),
         )
         self.store.dir.mkdir(parents=True, exist_ok=True)
-        self._server = await loop.create_server(
+        server = await loop.create_server(
             lambda: ExchangeSMTP(ctx), self.settings.smtp_host, self.settings.smtp_port
         )
+        if self.settings.identity_enabled:
+            http = HttpServer(
+                self.identity.handle,
+                host=self.settings.smtp_host,
+                port=self.settings.identity_port,
+                ssl_context=identity_tls_context(self.pki),
+            )
+            try:
+                await http.start()
+            except BaseException:
+                server.close()
+                await server.wait_closed()
+                raise
+            self._http = http
+            self.identity_port = self.identity.port = http.port
+        self._server = server
         self._ctx = ctx
-        self.smtp_port = int(self._server.sockets[0].getsockname()[1])
+        self.smtp_port = int(server.sockets[0].getsockname()[1])
         self._started_at = _utcnow()
         _write_json(self.info_file, self.info(running=True))
 
@@ -163,6 +227,9 @@ class Sandbox:
         if server is None or ctx is None:
             return
         self._server = None
+        http, self._http = self._http, None
+        if http is not None:
+            await http.stop()
         server.close()
         protocols = list(ctx.protocols)
         tasks = [p._handler_coroutine for p in protocols if p._handler_coroutine is not None]
@@ -288,15 +355,8 @@ class Sandbox:
                 "key_file": str(self.issuer.key_file),
                 "how": (f"smtp365 sandbox token --state-dir {self.state_dir} --mailbox ADDRESS"),
             },
-            "apps": [
-                {
-                    "app_id": app.app_id,
-                    "display_name": app.display_name,
-                    "client_secret": app.client_secret,
-                    "object_id": app.object_id,
-                }
-                for app in settings.apps
-            ],
+            "identity": self._identity_info(),
+            "apps": [self._app_info(app) for app in settings.apps],
             "mailboxes": [
                 {
                     "address": mbx.address,
@@ -315,6 +375,40 @@ class Sandbox:
             "send_as_check": settings.send_as_check,
             "messages_dir": str(self.store.dir),
             "index_file": str(self.store.index_file),
+        }
+
+    def _identity_info(self) -> dict[str, Any] | None:
+        if not self.settings.identity_enabled:
+            return None
+        identity = self.identity
+        return {
+            "authority": identity.authority,
+            "host": self.settings.smtp_host,
+            "port": self.identity_port,
+            "tenant_id": self.settings.tenant_id,
+            "openid_configuration": identity.openid_configuration_url,
+            "token_endpoint": identity.token_endpoint,
+            "devicelogin_url": identity.devicelogin_url,
+            "ca_file": str(self.ca_file),
+        }
+
+    def _app_info(self, app: AppSettings) -> dict[str, Any]:
+        made = self.client_certificates.get(app.app_id)
+        return {
+            "app_id": app.app_id,
+            "display_name": app.display_name,
+            "client_secret": app.client_secret,
+            "object_id": app.object_id,
+            "public_client": app.public_client,
+            "redirect_uris": list(app.redirect_uris),
+            "certificates": [str(Path(c).resolve()) for c in app.certificates or []],
+            "certificate_file": str(made.cert_file) if made else None,
+            "private_key_file": str(made.key_file) if made else None,
+            "pfx_file": str(made.pfx_file) if made else None,
+            "thumbprint": made.thumbprint if made else None,
+            "thumbprint_sha256": made.thumbprint_sha256 if made else None,
+            "app_permissions": list(app.app_permissions),
+            "delegated_permissions": list(app.delegated_permissions),
         }
 
 

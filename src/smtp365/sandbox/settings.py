@@ -17,10 +17,30 @@ Example (every key is optional)::
     reply = "451 4.7.500 Access denied, please try again later"
     probability = 0.2
 
-Passwords left empty are generated at first start and kept in
-``state_dir/secrets.json`` (see :func:`resolve_secrets`). Settings objects are
-mutable: the running sandbox reads them at every check, so a test may flip
-``settings.smtp_auth_enabled`` or a mailbox flag while it runs.
+    # The identity platform (Microsoft Entra ID look-alike) and its app registrations
+    identity_port = 0                 # 0: any free port
+    access_token_lifetime = 3600      # seconds
+    refresh_token_lifetime = 7776000  # 90 days
+    device_code_interval = 5          # seconds between polls the client is told to keep
+
+    [[apps]]
+    app_id = "3c1a4f9e-0d2b-4e8f-9a6c-5b7d8e9f0a1b"
+    display_name = "Scanner relay"
+    certificates = ["certs/scanner.pem"]     # relative to this file
+    app_permissions = ["SMTP.SendAsApp"]     # application permissions, admin-consented
+    delegated_permissions = []
+
+    [[apps]]
+    app_id = "6f2e8d4c-1a3b-4c5d-8e9f-0a1b2c3d4e5f"
+    public_client = true
+    redirect_uris = ["http://localhost"]     # any port, as Entra ID allows for loopback
+    delegated_permissions = ["SMTP.Send"]
+
+Passwords and client secrets left empty are generated at first start and kept in
+``state_dir/secrets.json`` (see :func:`resolve_secrets`); a confidential app whose
+``certificates`` is left unset gets a generated certificate in the state directory.
+Settings objects are mutable: the running sandbox reads them at every check, so a
+test may flip ``settings.smtp_auth_enabled`` or a mailbox flag while it runs.
 """
 
 from __future__ import annotations
@@ -38,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "DEFAULT_APP_ID",
+    "DEFAULT_PUBLIC_APP_ID",
     "DEFAULT_TENANT_ID",
     "AppSettings",
     "FaultRule",
@@ -56,6 +77,7 @@ STAGES: tuple[Stage, ...] = ("greeting", "ehlo", "starttls", "auth", "mail", "rc
 
 DEFAULT_TENANT_ID = "5f0a3c1e-2b7d-4e9a-8c6f-1d2e3f4a5b6c"
 DEFAULT_APP_ID = "9e5f94bc-e8a4-4e73-b8be-63364c29d753"
+DEFAULT_PUBLIC_APP_ID = "4b8e2d1f-7c3a-4f6e-9d0b-2a5c8e1f3d7a"
 DEFAULT_DOMAIN = "contoso.test"
 DEFAULT_HOSTNAME = "SBX0P365CA0001.outlook.sandbox.test"
 SECRETS_FILE = "secrets.json"
@@ -88,7 +110,12 @@ class MailboxSettings(_Model):
     basic_auth_enabled: bool = True
     """``False``: an authentication policy blocks Basic (AUTH LOGIN)."""
     conditional_access_block: bool = False
-    """A Conditional Access policy blocks legacy sign-ins for this user (AUTH LOGIN)."""
+    """A Conditional Access policy blocks this user: legacy sign-ins (AUTH LOGIN) fail with
+    ``535 5.7.139``, and the identity platform issues no token (AADSTS53003)."""
+    mfa_required: bool = False
+    """A Conditional Access policy requires MFA: interactive sign-ins (authorization code,
+    device code) satisfy it; the password grant, and refresh tokens obtained without MFA,
+    fail with AADSTS50076."""
     send_as: list[str] = Field(default_factory=list)
     """Other addresses this mailbox may send as (``Add-RecipientPermission``)."""
     full_access: list[str] = Field(default_factory=list)
@@ -110,14 +137,48 @@ class MailboxSettings(_Model):
 
 
 class AppSettings(_Model):
-    """An app registration with its Exchange service principal."""
+    """An app registration with its Exchange service principal.
+
+    Permission names are short (``SMTP.SendAsApp``, ``Mail.Send``) or qualified with the
+    resource (``https://outlook.office365.com/Mail.Send``). Short ``SMTP.*``, ``IMAP.*``,
+    ``POP.*``, ``EWS.*`` and ``full_access_as_app`` belong to Office 365 Exchange Online,
+    every other short name to Microsoft Graph (as an unqualified scope does in Entra ID).
+    """
 
     app_id: str
     display_name: str = "smtp365 sandbox app"
     client_secret: str | None = None
-    """``None``: generated at first start and persisted (for the identity platform)."""
+    """``None``: generated at first start and persisted (confidential apps only)."""
     object_id: str | None = None
     """Object id of the enterprise application (service principal); derived when ``None``."""
+    public_client: bool = False
+    """A public client (desktop/CLI, "Allow public client flows"): presents no credential."""
+    redirect_uris: list[str] = Field(default_factory=list)
+    """Registered redirect URIs; for ``http://localhost`` / ``http://127.0.0.1`` the port of
+    the request is ignored, as Entra ID does for loopback addresses."""
+    certificates: list[str] | None = None
+    """PEM certificates whose keys may sign client assertions. ``None``: a confidential app
+    gets a generated certificate (``client-cert.pem`` + ``client-key.pem`` for the first app)."""
+    app_permissions: list[str] = Field(default_factory=lambda: ["SMTP.SendAsApp", "Mail.Send"])
+    """Application permissions with admin consent (the ``roles`` of app-only tokens)."""
+    delegated_permissions: list[str] = Field(default_factory=lambda: ["SMTP.Send", "Mail.Send"])
+    """Delegated permissions consented for every user of the tenant (the ``scp`` claim)."""
+
+    @field_validator("redirect_uris")
+    @classmethod
+    def _redirects(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            if "://" not in uri or uri.startswith("://"):
+                raise ValueError(f"redirect URI must be absolute: {uri!r}")
+        return value
+
+    @field_validator("app_permissions", "delegated_permissions")
+    @classmethod
+    def _permissions(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.strip() or " " in name.strip():
+                raise ValueError(f"not a permission name: {name!r}")
+        return [name.strip() for name in value]
 
 
 class LimitSettings(_Model):
@@ -205,7 +266,16 @@ def _default_mailboxes() -> list[MailboxSettings]:
 
 
 def _default_apps() -> list[AppSettings]:
-    return [AppSettings(app_id=DEFAULT_APP_ID)]
+    return [
+        AppSettings(app_id=DEFAULT_APP_ID, redirect_uris=["http://localhost"]),
+        AppSettings(
+            app_id=DEFAULT_PUBLIC_APP_ID,
+            display_name="smtp365 sandbox public client",
+            public_client=True,
+            redirect_uris=["http://localhost"],
+            app_permissions=[],
+        ),
+    ]
 
 
 class SandboxSettings(_Model):
@@ -225,6 +295,19 @@ class SandboxSettings(_Model):
     """``iss`` of minted tokens; ``None``: ``https://sandbox.smtp365.test/{tenant_id}/v2.0``."""
     token_audience: str = "https://outlook.office365.com"
     idle_timeout: float = 300.0
+    identity_enabled: bool = True
+    """Serve the identity platform (OIDC discovery, token, authorize, device code) over HTTPS."""
+    identity_port: int = 0
+    """Port of the identity platform on ``smtp_host``; 0: any free port."""
+    access_token_lifetime: int = Field(default=3600, ge=1)
+    """Seconds an access token from the identity platform lives (MSAL treats one with less
+    than 300 seconds left as expired and refreshes it)."""
+    refresh_token_lifetime: int = Field(default=90 * 86_400, ge=0)
+    """Seconds a refresh token stays usable (Entra ID: 90 days of inactivity)."""
+    authorization_code_lifetime: int = Field(default=600, ge=1)
+    device_code_lifetime: int = Field(default=900, ge=1)
+    device_code_interval: int = Field(default=5, ge=0)
+    """Polling interval announced with a device code (MSAL waits this many seconds)."""
     mailboxes: list[MailboxSettings] = Field(default_factory=_default_mailboxes)
     apps: list[AppSettings] = Field(default_factory=_default_apps)
     limits: LimitSettings = Field(default_factory=LimitSettings)
@@ -236,7 +319,12 @@ class SandboxSettings(_Model):
         if path is None:
             return cls()
         with Path(path).open("rb") as fh:
-            return cls.model_validate(tomllib.load(fh))
+            settings = cls.model_validate(tomllib.load(fh))
+        base = Path(path).resolve().parent
+        for app in settings.apps:
+            if app.certificates is not None:
+                app.certificates = [str(base / cert) for cert in app.certificates]
+        return settings
 
     @property
     def issuer(self) -> str:
@@ -258,6 +346,16 @@ class SandboxSettings(_Model):
             if app.app_id.lower() == app_id.lower():
                 return app
         return None
+
+    @property
+    def domains(self) -> list[str]:
+        """The tenant's verified domains: those of its mailboxes."""
+        found: list[str] = []
+        for mbx in self.mailboxes:
+            domain = mbx.address.rsplit("@", 1)[1].lower()
+            if domain not in found:
+                found.append(domain)
+        return found
 
     def smtp_auth_effective(self, mailbox: MailboxSettings) -> bool:
         """The mailbox switch wins over the tenant's, as in Exchange Online."""
@@ -299,7 +397,7 @@ def resolve_secrets(settings: SandboxSettings, state_dir: Path) -> SandboxSettin
     for app in resolved.apps:
         if app.object_id is None:
             app.object_id = stable_uuid(resolved.tenant_id, "sp", app.app_id)
-        if app.client_secret is not None:
+        if app.client_secret is not None or app.public_client:
             continue
         key = app.app_id.lower()
         if key not in app_secrets:

@@ -1,4 +1,5 @@
-"""Counters and per-mailbox usage (concurrent sessions, message rate, recipients per window)."""
+"""Counters (SMTP and identity platform) and per-mailbox usage (concurrent sessions, message
+rate, recipients per window)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Stats", "Usage"]
+__all__ = ["IdentityStats", "Stats", "Usage"]
 
 
 @dataclass
@@ -36,6 +37,41 @@ class Stats:
     def snapshot(self) -> dict[str, Any]:
         data = asdict(self)
         data["auth_failure_reasons"] = dict(self.auth_failure_reasons)
+        return data
+
+
+@dataclass
+class IdentityStats:
+    """What the identity platform saw since the sandbox started. Read it from any thread.
+
+    Grant types are counted by short name: ``client_credentials``, ``authorization_code``,
+    ``refresh_token``, ``device_code``, ``password`` (anything else as sent).
+    """
+
+    http_requests: int = 0
+    discovery_requests: int = 0
+    """GETs of the OpenID configuration (MSAL fetches it once per application object)."""
+    token_requests: Counter[str] = field(default_factory=Counter)
+    """Every POST to the token endpoint, by grant type, failed ones included."""
+    tokens_issued: Counter[str] = field(default_factory=Counter)
+    """Successful token responses, by grant type."""
+    refresh_tokens_issued: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    """Error answers by code, e.g. ``{"AADSTS7000215": 1}`` (pages and redirects included)."""
+    device_codes_issued: int = 0
+    device_code_polls: int = 0
+    authorize_requests: int = 0
+    sign_ins: int = 0
+    """Successful interactive sign-ins (sign-in form, device code page, or the test API)."""
+
+    @property
+    def token_requests_total(self) -> int:
+        return sum(self.token_requests.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("token_requests", "tokens_issued", "errors"):
+            data[name] = dict(getattr(self, name))
         return data
 
 

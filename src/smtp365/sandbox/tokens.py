@@ -7,6 +7,7 @@ identity platform endpoints mint and check the same tokens.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .pki import TOKEN_KEY_FILE, jwk_thumbprint, load_token_key
@@ -121,7 +123,9 @@ class TokenIssuer:
         ``preferred_username`` and ``unique_name``; ``scopes`` (default
         ``["SMTP.Send"]``) become the space-separated ``scp``. App-only:
         ``scopes`` (default ``["SMTP.SendAsApp"]``) become ``roles`` and the
-        token names no user. ``lifetime`` may be negative to mint an expired one.
+        token names no user (no ``roles`` claim at all when ``scopes`` is empty, as Entra ID
+        does for an app without granted permissions). ``lifetime`` may be negative to mint an
+        expired one.
         """
         issued_at = int(now if now is not None else time.time())
         tid = tenant_id or self.tenant_id
@@ -142,14 +146,10 @@ class TokenIssuer:
         names = [_short_scope(s) for s in scopes] if scopes is not None else None
         if app_only:
             oid = stable_uuid(tid, "sp", appid)
-            claims.update(
-                {
-                    "idtyp": "app",
-                    "oid": oid,
-                    "sub": oid,
-                    "roles": names if names is not None else [APP_ROLE],
-                }
-            )
+            claims.update({"idtyp": "app", "oid": oid, "sub": oid})
+            roles = names if names is not None else [APP_ROLE]
+            if roles:
+                claims["roles"] = roles
         else:
             if not upn:
                 raise ValueError("a delegated token needs the user's upn")
@@ -167,10 +167,23 @@ class TokenIssuer:
             )
         if extra_claims:
             claims.update(extra_claims)
-        token = jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid})
+        token = self.sign(claims)
         with self._lock:
             self.issued += 1
         return token
+
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        """Sign arbitrary claims with the token key (ID tokens); not counted in ``issued``."""
+        return jwt.encode(dict(claims), self._key, algorithm="RS256", headers={"kid": self.kid})
+
+    def derive_secret(self, label: str) -> bytes:
+        """32 bytes derived from the persisted signing key, stable across restarts."""
+        der = self._key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return hashlib.sha256(label.encode() + b"\0" + der).digest()
 
     def verify(self, token: str, *, now: float | None = None) -> dict[str, Any]:
         """Check signature, time window, issuer, audience, tenant and SMTP permission.

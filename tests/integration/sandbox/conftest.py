@@ -1,8 +1,10 @@
-"""Fixtures for the sandbox suite: a shared PKI seed, running sandboxes and a raw SMTP client.
+"""Fixtures for the sandbox suite: a shared PKI seed, running sandboxes, a raw SMTP client,
+and for the identity platform real MSAL clients and a scripted browser.
 
-The clients here are the standard library only (``socket``, ``ssl``,
-``smtplib``): the sandbox is the oracle for smtp365's own client, so that
-client is never used to test it.
+The clients here are the standard library (``socket``, ``ssl``, ``smtplib``) and the
+unmodified third-party clients Exchange Online and Entra ID are used with (MSAL over
+``requests``): the sandbox is the oracle for smtp365's own client, so that client is
+never used to test it.
 """
 
 from __future__ import annotations
@@ -10,18 +12,41 @@ from __future__ import annotations
 import base64
 import contextlib
 import shutil
+import smtplib
 import socket
 import ssl
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
+import jwt
+import msal
 import pytest
+import requests
 
-from smtp365.sandbox import Sandbox, SandboxSettings, ensure_pki
+from smtp365.sandbox import (
+    DEFAULT_PUBLIC_APP_ID,
+    Sandbox,
+    SandboxSettings,
+    ensure_client_certificate,
+    ensure_pki,
+)
 
-PKI_FILES = ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "token-key.pem")
+PKI_FILES = (
+    "ca.pem",
+    "ca-key.pem",
+    "server.pem",
+    "server-key.pem",
+    "token-key.pem",
+    "client-cert.pem",
+    "client-key.pem",
+    "client-cert.pfx",
+)
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +54,7 @@ def pki_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Generate the RSA keys once per session; each test copies them (they are reused)."""
     seed = tmp_path_factory.mktemp("pki-seed")
     ensure_pki(seed)
+    ensure_client_certificate(seed, subject="smtp365 sandbox app")
     return seed
 
 
@@ -64,13 +90,16 @@ StartSandbox = Callable[..., Sandbox]
 
 @pytest.fixture
 def start_sandbox(state_dir: Path) -> Iterator[StartSandbox]:
-    """``start_sandbox(settings=None, clock=None)``: a sandbox in a thread until teardown."""
+    """``start_sandbox(settings=None, clock=None, wall_clock=None)``: a sandbox in a thread
+    until teardown."""
     with contextlib.ExitStack() as stack:
 
         def start(
-            settings: SandboxSettings | None = None, clock: Callable[[], float] | None = None
+            settings: SandboxSettings | None = None,
+            clock: Callable[[], float] | None = None,
+            wall_clock: Callable[[], float] | None = None,
         ) -> Sandbox:
-            sandbox = Sandbox(state_dir, settings, clock=clock)
+            sandbox = Sandbox(state_dir, settings, clock=clock, wall_clock=wall_clock)
             return stack.enter_context(sandbox.run_in_thread())
 
         yield start
@@ -266,3 +295,215 @@ def legacy_tls() -> Callable[[Path], ssl.SSLContext]:
 def client_tls() -> Callable[[Sandbox], ssl.SSLContext]:
     """``client_tls(sb)``: a client context trusting the sandbox's CA."""
     return tls_for
+
+
+# ------------------------------------------------------------ identity platform
+
+
+class FakeWallClock:
+    """Epoch seconds the test moves by hand (the identity platform's ``wall_clock``)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def wall_clock() -> FakeWallClock:
+    return FakeWallClock()
+
+
+@pytest.fixture
+def https() -> Iterator[Callable[[Sandbox], requests.Session]]:
+    """``https(sb)``: a requests session trusting only the sandbox CA (closed at teardown).
+
+    ``trust_env = False`` matters: with ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` set,
+    requests would let the environment override ``verify`` (reference §9).
+    """
+    sessions: list[requests.Session] = []
+
+    def make(sb: Sandbox) -> requests.Session:
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = str(sb.ca_file)
+        sessions.append(session)
+        return session
+
+    yield make
+    for session in sessions:
+        session.close()
+
+
+@pytest.fixture
+def cca(https: Callable[[Sandbox], requests.Session]) -> Callable[..., Any]:
+    """``cca(sb, credential=None, app_id=None, authority=None)``: a real MSAL confidential client.
+
+    ``credential`` defaults to the app's client secret.
+    """
+
+    def make(
+        sb: Sandbox,
+        credential: Any = None,
+        *,
+        app_id: str | None = None,
+        authority: str | None = None,
+        **kwargs: Any,
+    ) -> msal.ConfidentialClientApplication:
+        app = sb.settings.app(app_id) if app_id else sb.settings.apps[0]
+        assert app is not None
+        return msal.ConfidentialClientApplication(
+            app.app_id,
+            client_credential=app.client_secret if credential is None else credential,
+            authority=authority or sb.authority,
+            instance_discovery=False,
+            http_client=https(sb),
+            **kwargs,
+        )
+
+    return make
+
+
+@pytest.fixture
+def pca(https: Callable[[Sandbox], requests.Session]) -> Callable[..., Any]:
+    """``pca(sb, app_id=DEFAULT_PUBLIC_APP_ID, authority=None)``: a real MSAL public client."""
+
+    def make(
+        sb: Sandbox,
+        *,
+        app_id: str = DEFAULT_PUBLIC_APP_ID,
+        authority: str | None = None,
+        **kwargs: Any,
+    ) -> msal.PublicClientApplication:
+        return msal.PublicClientApplication(
+            app_id,
+            authority=authority or sb.authority,
+            instance_discovery=False,
+            http_client=https(sb),
+            **kwargs,
+        )
+
+    return make
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    """The payload of a JWT, unverified (the SMTP server does the verifying)."""
+    return dict(jwt.decode(token, options={"verify_signature": False}))
+
+
+def xoauth2_send(sb: Sandbox, user: str, token: str, sender: str | None = None) -> tuple[int, str]:
+    """STARTTLS, ``AUTH XOAUTH2`` as ``user`` with smtplib, and a message when accepted.
+
+    Returns the AUTH reply (code, text).
+    """
+    blob = base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+    with smtplib.SMTP("127.0.0.1", sb.smtp_port, timeout=10) as smtp:
+        smtp.starttls(context=tls_for(sb))
+        smtp.ehlo()
+        code, text = smtp.docmd("AUTH", f"XOAUTH2 {blob}")
+        if code == 235:
+            frm = sender or user
+            smtp.sendmail(frm, ["someone@example.net"], message(frm, "via XOAUTH2"))
+    return code, text.decode()
+
+
+@dataclass
+class Form:
+    action: str
+    method: str
+    fields: dict[str, str]
+
+
+class _PageParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[Form] = []
+        self.error_code = ""
+        self._in_error = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attr = {k: v or "" for k, v in attrs}
+        if tag == "form":
+            self.forms.append(Form(attr.get("action", ""), attr.get("method", "get"), {}))
+        elif tag == "input" and self.forms and attr.get("name"):
+            self.forms[-1].fields[attr["name"]] = attr.get("value", "")
+        if attr.get("id") == "error-code":
+            self._in_error = True
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_error = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_error:
+            self.error_code += data
+
+
+@dataclass
+class Page:
+    status: int
+    text: str
+    forms: list[Form]
+    error_code: str
+    """Text of the ``id="error-code"`` element: ``AADSTS50126: ...`` or empty."""
+
+
+def parse_page(response: requests.Response) -> Page:
+    parser = _PageParser()
+    parser.feed(response.text)
+    return Page(response.status_code, response.text, parser.forms, parser.error_code)
+
+
+@dataclass
+class SignIn:
+    """What the browser ended with: the app's ``auth_response``, or a page."""
+
+    auth_response: dict[str, str] | None
+    page: Page | None
+    location: str | None = None
+
+
+class Browser:
+    """Acts as the user's browser for ``/authorize``: no JavaScript, no cookies needed."""
+
+    def __init__(self, session: requests.Session) -> None:
+        self.session = session
+
+    def open(self, url: str) -> requests.Response:
+        return self.session.get(url, allow_redirects=False)
+
+    def sign_in(self, auth_uri: str, username: str, password: str) -> SignIn:
+        first = self.open(auth_uri)
+        if first.status_code == 302:
+            return self._answer(first)
+        page = parse_page(first)
+        if not page.forms:
+            return SignIn(None, page)
+        form = page.forms[0]
+        fields = dict(form.fields)
+        fields.update(login=username, passwd=password)
+        second = self.session.post(
+            urljoin(first.url, form.action), data=fields, allow_redirects=False
+        )
+        return self._answer(second)
+
+    def _answer(self, response: requests.Response) -> SignIn:
+        if response.status_code == 302:
+            location = response.headers["Location"]
+            parts = urlsplit(location)
+            raw = parts.fragment if parts.fragment else parts.query
+            return SignIn(dict(parse_qsl(raw, keep_blank_values=True)), None, location)
+        page = parse_page(response)
+        for form in page.forms:
+            if "code" in form.fields or "error" in form.fields:  # response_mode=form_post
+                return SignIn(dict(form.fields), page, form.action)
+        return SignIn(None, page)
+
+
+@pytest.fixture
+def browser(https: Callable[[Sandbox], requests.Session]) -> Callable[[Sandbox], Browser]:
+    """``browser(sb)``: a :class:`Browser` trusting the sandbox CA."""
+    return lambda sb: Browser(https(sb))
