@@ -18,6 +18,7 @@ async def test_demo_sends_through_starttls_and_xoauth2(run_cli: Run, tmp_path: P
     assert res.code == 0, res.stderr
     assert "250 2.0.0 OK" in res.stdout
     assert "XOAUTH2" in res.stdout and "TLSv1.3" in res.stdout
+    assert "MSAL client-credentials token" in res.stdout and "claims check OK" in res.stdout
     assert "| Subject: Hello from smtp365" in res.stdout
 
 
@@ -55,9 +56,31 @@ async def test_sandbox_lifecycle_env_send_messages(run_cli: Run, tmp_path: Path)
             "send", "--to", "bob@example.net", "--subject", "via env", "--body", "hi", env=exported
         )
         assert res.code == 0, res.stderr
+        res = await run_cli(
+            "sandbox", "env", "--oauth", "--state-dir", str(state), "-m", "alice@contoso.test"
+        )
+        oauth_env = {}
+        for line in res.stdout.splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            oauth_env[key] = shlex.split(value)[0]
+        assert oauth_env["SMTP365_FLOW"] == "client-credentials"
+        oauth_env["XDG_STATE_HOME"] = str(tmp_path / "state")
+        res = await run_cli(
+            "send",
+            "--to",
+            "bob@example.net",
+            "--subject",
+            "via msal",
+            "--body",
+            "hi",
+            env=oauth_env,
+        )
+        assert res.code == 0, res.stderr
+
         res = await run_cli("sandbox", "messages", "--state-dir", str(state), "--json")
-        [msg] = json.loads(res.stdout)
-        assert msg["subject"] == "via env" and msg["mechanism"] == "XOAUTH2"
+        first, second = json.loads(res.stdout)
+        assert first["subject"] == "via env" and first["mechanism"] == "XOAUTH2"
+        assert second["subject"] == "via msal" and second["app_id"] == info["apps"][0]["app_id"]
 
         tok = await run_cli(
             "sandbox", "token", "--state-dir", str(state), "-m", "alice@contoso.test"

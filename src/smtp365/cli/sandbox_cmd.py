@@ -10,9 +10,10 @@ from typing import Annotated, Any
 import typer
 
 from smtp365 import sandbox
+from smtp365.auth.msal_provider import MsalTokenProvider, describe
 from smtp365.cli.output import die, fail, out, print_json
 from smtp365.client import Mailer
-from smtp365.config import Account
+from smtp365.config import Account, AccountSettings
 from smtp365.config.model import resolve
 from smtp365.errors import Smtp365Error
 
@@ -57,6 +58,7 @@ def run_sandbox(
     def ready(sb: sandbox.Sandbox) -> None:
         out.print(
             f"sandbox ready: SMTP on {sb.smtp_host}:{sb.smtp_port} (STARTTLS, CA {sb.ca_file})\n"
+            f"  identity platform (for MSAL): {sb.authority}\n"
             f"  details: {sb.info_file}\n"
             f"  mailboxes: {', '.join(m.address for m in sb.settings.mailboxes)}\n"
             f'  use it:  eval "$(smtp365 sandbox env --state-dir {state_dir} '
@@ -111,6 +113,10 @@ def _mint(state_dir: Path, mailbox: str, **kwargs: Any) -> str:
 def env(
     mailbox: Annotated[str, typer.Option("--mailbox", "-m", help="mailbox address")],
     state_dir: StateDir = Path(".state/sandbox"),
+    oauth: Annotated[
+        bool,
+        typer.Option("--oauth", help="sign in through MSAL as the sandbox app, not a fixed token"),
+    ] = False,
 ) -> None:
     """Print `export SMTP365_*=...` lines that point smtp365 at the running sandbox."""
     info = _info(state_dir)
@@ -121,8 +127,21 @@ def env(
         "SMTP365_CA_FILE": info["ca_file"],
         "SMTP365_USERNAME": mailbox,
         "SMTP365_AUTH": "xoauth2",
-        "SMTP365_TOKEN": _mint(state_dir, mailbox),
     }
+    identity = info.get("identity")
+    if oauth and identity:
+        app = next(a for a in info["apps"] if not a["public_client"])
+        values |= {
+            "SMTP365_FLOW": "client-credentials",
+            "SMTP365_TENANT": identity["tenant_id"],
+            "SMTP365_CLIENT_ID": app["app_id"],
+            "SMTP365_CLIENT_SECRET": app["client_secret"],
+            "SMTP365_AUTHORITY_HOST": f"https://localhost:{identity['port']}",
+        }
+    elif oauth:
+        die("this sandbox runs without its identity platform (identity_enabled = false)")
+    else:
+        values["SMTP365_TOKEN"] = _mint(state_dir, mailbox)
     for key, value in values.items():
         typer.echo(f"export {key}={shlex.quote(value)}")
 
@@ -138,28 +157,48 @@ def demo(
         fail(exc)
 
 
+def _app_account(sb: sandbox.Sandbox, mailbox: str, state_dir: Path) -> AccountSettings:
+    """An account that signs in as the sandbox's confidential app through MSAL."""
+    app = next(a for a in sb.info()["apps"] if not a["public_client"])
+    return resolve(
+        "sandbox",
+        Account.model_validate(
+            {
+                "profile": "custom",
+                "host": "localhost",
+                "port": sb.smtp_port,
+                "ca_file": sb.ca_file,
+                "username": mailbox,
+                "auth": "xoauth2",
+                "tenant": sb.settings.tenant_id,
+                "client_id": app["app_id"],
+                "client_secret": app["client_secret"],
+                "authority_host": f"https://localhost:{sb.identity_port}",
+                "token_cache": state_dir / "demo-token-cache.json",
+            }
+        ),
+        "(demo)",
+    )
+
+
 async def _demo(state_dir: Path, to: str) -> None:
     async with sandbox.Sandbox(state_dir) as sb:
         mailbox = sb.settings.mailboxes[0].address
-        out.print(f"[bold]1.[/] sandbox up: SMTP on 127.0.0.1:{sb.smtp_port}, CA {sb.ca_file}")
-        token = sb.issue_token(mailbox)
-        out.print(f"[bold]2.[/] token issued for {mailbox} (aud https://outlook.office365.com)")
-        account = resolve(
-            "sandbox",
-            Account.model_validate(
-                {
-                    "profile": "custom",
-                    "host": "localhost",
-                    "port": sb.smtp_port,
-                    "ca_file": sb.ca_file,
-                    "username": mailbox,
-                    "auth": "xoauth2",
-                    "token": token,
-                }
-            ),
-            "(demo)",
+        out.print(
+            f"[bold]1.[/] sandbox up: SMTP on 127.0.0.1:{sb.smtp_port} (STARTTLS), identity "
+            f"platform {sb.authority}, CA {sb.ca_file}"
         )
-        async with Mailer(account) as mailer:
+        account = _app_account(sb, mailbox, state_dir)
+        provider = MsalTokenProvider(account)
+        token = await provider.get_token(force_refresh=True)
+        info = describe(token, "smtp", mailbox)
+        out.print(
+            f"[bold]2.[/] MSAL client-credentials token for app {account.client_id}: "
+            f"aud {info['audience']}, roles {', '.join(info['permissions'])}, "
+            f"expires in {info['expires_in']} s, claims check "
+            + ("[green]OK[/]" if info["ok"] else "[red]FAILED[/]")
+        )
+        async with Mailer(account, token_provider=provider) as mailer:
             outcome = await mailer.send(
                 to=to,
                 subject="Hello from smtp365",
