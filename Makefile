@@ -37,6 +37,7 @@ check: lint types arch test
 ## bench: performance figures (printed, never asserted)
 bench: $(STAMP)
 	$(BIN)/python bench/send_throughput.py
+	$(BIN)/python bench/doctor_time.py
 
 clean:
 	rm -rf $(VENV) .state .mypy_cache .ruff_cache .pytest_cache

@@ -61,6 +61,11 @@ def check(settings: Settings, account: str | None = None) -> list[Finding]:
     return list(_rules(acc, settings.inline_secrets.get(acc.name, ())))
 
 
+def check_account(acc: AccountSettings, secrets_in_file: Any = ()) -> list[Finding]:
+    """The findings for an already resolved account."""
+    return list(_rules(acc, secrets_in_file))
+
+
 def _rules(acc: AccountSettings, secrets_in_file: Any) -> Any:
     ms = acc.profile in MICROSOFT_PROFILES
     E, W = Level.ERROR, Level.WARNING

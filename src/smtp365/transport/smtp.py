@@ -465,6 +465,37 @@ class SmtpTransport:
             elapsed=time.perf_counter() - started,
         )
 
+    async def probe(self, sender: str, recipient: str) -> tuple[Reply, Reply]:
+        """``MAIL FROM`` + ``RCPT TO``, then ``RSET``: nothing is sent. Rejections raise
+        :class:`SubmissionRejected` with their catalogue entry (as :meth:`submit` does).
+
+        A 250 here does not prove SendAs: Exchange Online checks it after the data.
+        """
+        check_address(sender, what="envelope sender")
+        check_address(recipient, what="recipient")
+        async with self._lock:
+            await self._connect()
+            smtp = self._smtp
+            assert smtp is not None
+            try:
+                mail = await smtp.mail(sender)
+            except SMTPResponseException as exc:
+                await self._rset()
+                raise _rejected("mail", exc.code, exc.message) from None
+            except (SMTPException, OSError) as exc:
+                self._drop()
+                raise self._map(exc, "mail") from None
+            try:
+                rcpt = await smtp.rcpt(recipient)
+            except SMTPResponseException as exc:
+                await self._rset()
+                raise _rejected("rcpt", exc.code, exc.message, recipient=recipient) from None
+            except (SMTPException, OSError) as exc:
+                self._drop()
+                raise self._map(exc, "rcpt") from None
+            await self._rset()
+            return Reply.parse(mail.code, mail.message), Reply.parse(rcpt.code, rcpt.message)
+
     async def _rset(self) -> None:
         smtp = self._smtp
         if smtp is None or not smtp.is_connected:
