@@ -57,6 +57,17 @@ class ClaimsReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def summary(self) -> dict[str, Any]:
+        """What the token says, JSON-ready (never the token itself)."""
+        return {
+            "audience": self.audience,
+            "app_only": self.app_only,
+            "permissions": list(self.permissions),
+            "user": self.user,
+            "tenant": self.tenant,
+            "expires_at": self.expires_at,
+        }
+
 
 def _aud(claims: dict[str, Any]) -> str:
     aud = claims.get("aud", "")

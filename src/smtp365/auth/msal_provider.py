@@ -416,12 +416,7 @@ def describe(token: AccessToken, target: Target, mailbox: str | None) -> dict[st
     return {
         "jwt": True,
         "source": token.source,
-        "audience": report.audience,
-        "app_only": report.app_only,
-        "permissions": list(report.permissions),
-        "user": report.user,
-        "tenant": report.tenant,
-        "expires_at": report.expires_at,
+        **report.summary(),
         "expires_in": None if report.expires_at is None else int(report.expires_at - time.time()),
         "ok": report.ok,
         "problems": [{"what": w, "fix": f} for w, f in report.problems],

@@ -43,27 +43,15 @@ class ConfigCheck:
         findings = ctx.facts.get("config_findings")
         if findings is None:
             findings = check_account(ctx.account)
-        errors = [f for f in findings if f.level is Level.ERROR]
-        warnings = [f for f in findings if f.level is Level.WARNING]
         data = {"findings": [f.as_dict() for f in findings]}
-        if errors:
-            first = errors[0]
+        errors = [f for f in findings if f.level is Level.ERROR]
+        worst = errors or [f for f in findings if f.level is Level.WARNING]
+        if worst:
+            first = worst[0]
             more = f" (+{len(findings) - 1} more)" if len(findings) > 1 else ""
             return result(
                 self,
-                Status.FAIL,
-                first.what + more,
-                why=first.why,
-                fix=first.fix,
-                catalogue=first.code,
-                data=data,
-            )
-        if warnings:
-            first = warnings[0]
-            more = f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else ""
-            return result(
-                self,
-                Status.WARN,
+                Status.FAIL if errors else Status.WARN,
                 first.what + more,
                 why=first.why,
                 fix=first.fix,
@@ -148,15 +136,7 @@ class TokenCheck:
                 why="its audience and permissions cannot be checked here",
             )
         report = claims.check(payload, "smtp", mailbox=a.username)
-        data = {
-            "flow": a.flow.value,
-            "audience": report.audience,
-            "app_only": report.app_only,
-            "permissions": list(report.permissions),
-            "user": report.user,
-            "tenant": report.tenant,
-            "expires_at": report.expires_at,
-        }
+        data = {"flow": a.flow.value, **report.summary()}
         kind = "roles" if report.app_only else "scp"
         seen = f"aud {report.audience}, {kind} {', '.join(report.permissions) or '-'}"
         if report.problems:
