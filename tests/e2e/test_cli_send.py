@@ -197,3 +197,21 @@ async def test_config_check_subprocess(run_cli: Run, tmp_path: Path) -> None:
     assert {"username-not-upn", "ssl-on-587", "no-token"} <= codes
     res = await run_cli("config", "check")
     assert "not a full address" in res.stdout and "fix:" in res.stdout
+
+
+async def test_bad_input_gets_a_clear_error_not_a_traceback(run_cli: Run, tmp_path: Path) -> None:
+    (tmp_path / "m.eml").write_bytes(b"Subject: x\n\nbody\n")
+    (tmp_path / "b.html").write_bytes(b"\xff\xfe")
+    (tmp_path / "bad.toml").write_bytes(b"\xff\xfe")
+    res = await run_cli("send", "--eml", "m.eml", "--to", "a@b.test", "--subject", "a\nBcc: x@y.z")
+    assert res.code == 65 and "cannot be built" in res.stderr
+    res = await run_cli("send", "--to", "a@b.test", "--html-file", "b.html")
+    assert res.code == 65 and "UTF-8" in res.stderr
+    res = await run_cli("config", "show", "-c", "bad.toml")
+    assert res.code == 78 and "not UTF-8" in res.stderr
+    res = await run_cli("doctor", "dns", "bad domain!!", "--nameserver", "127.0.0.1")
+    assert res.code == 64
+    res = await run_cli("sandbox", "-d", "s", "--config", "missing.toml")
+    assert res.code == 66 and "cannot read" in res.stderr
+    for r in (res,):
+        assert "Traceback" not in r.stderr

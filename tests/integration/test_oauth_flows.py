@@ -328,3 +328,19 @@ def test_threads_share_the_cache_lock(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     _ = threading  # threads come from asyncio.to_thread
+
+
+async def test_encrypted_cache_through_config(
+    sb: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SBX_CACHE_KEY", "correct horse battery staple")
+    account = secret_account(sb, tmp_path, cache_key_env="SBX_CACHE_KEY")
+    await send_one(account)
+    raw = account.token_cache.read_bytes()
+    assert raw.startswith(b"smtp365-fernet-v1\n") and b"access_token" not in raw.lower()
+    assert b"AccessToken" not in raw
+    await send_one(account, MsalTokenProvider(account))  # a new process can read it back
+    assert sb.identity.stats.token_requests_total == 1
+    monkeypatch.setenv("SBX_CACHE_KEY", "another key")
+    with pytest.raises(AuthError, match="cannot be decrypted"):
+        await send_one(account, MsalTokenProvider(account))

@@ -212,3 +212,18 @@ async def test_catalogue_reply_becomes_the_right_exception(
     assert isinstance(err, AuthenticationRejected) is (stage == "auth")
     if stage == "auth":
         assert not any(c.startswith("MAIL") for c in server.commands)
+
+
+async def test_no_credentials_in_clear_to_a_remote_host(make_account: MakeAccount) -> None:
+    account = make_account(25, host="mail.example.org", tls="none", auth="login", password="pw")
+    with pytest.raises(TLSError, match="refusing to send credentials") as info:
+        async with SmtpTransport(account) as t:
+            await t.submit(SUB)
+    assert not info.value.temporary
+
+
+async def test_plain_auth_allowed_only_to_localhost(make_account: MakeAccount) -> None:
+    async with FakeSMTPServer(Script()) as server:
+        account = make_account(server.port, host="127.0.0.1", tls="none")
+        async with SmtpTransport(account) as t:
+            assert (await t.submit(SUB)).reply.code == 250

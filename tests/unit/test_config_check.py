@@ -124,8 +124,19 @@ def test_no_tls(settings: Load) -> None:
     assert "530 5.7.57" in one(s, "no-tls").why
 
 
-def test_no_tls_is_allowed_for_a_custom_server(settings: Load) -> None:
-    assert found(settings(CLEAN + 'profile = "custom"\nhost = "localhost"\ntls = "none"')) == []
+def test_no_tls_with_auth_is_a_warning_only_for_localhost(settings: Load) -> None:
+    local = settings(CLEAN + 'profile = "custom"\nhost = "localhost"\ntls = "none"')
+    assert found(local) == [(W, "no-tls")]
+    remote = settings(CLEAN + 'profile = "custom"\nhost = "mail.example.org"\ntls = "none"')
+    assert found(remote) == [(E, "no-tls")]
+    assert "in clear" in one(remote, "no-tls").why
+
+
+def test_no_tls_without_auth_is_fine_for_a_custom_server(settings: Load) -> None:
+    s = settings(
+        'profile = "custom"\nhost = "mail.example.org"\ntls = "none"\nauth = "none"\n'
+    )
+    assert found(s) == []
 
 
 @pytest.mark.parametrize("version", ["1.0", "1.1", "TLSv1.1"])

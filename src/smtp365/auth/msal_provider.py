@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import urllib.parse
+import urllib.request
 import warnings
 import webbrowser
 from collections.abc import Callable
@@ -139,7 +140,12 @@ class MsalTokenProvider:
     def _make_app(self) -> msal.ClientApplication:
         a = self.account
         session = requests.Session()
-        session.trust_env = False  # REQUESTS_CA_BUNDLE must not override verify=
+        # trust_env=False so REQUESTS_CA_BUNDLE cannot override verify= (reference §9); the
+        # proxy settings it would also drop are put back explicitly, except for a local
+        # authority (the sandbox), which is never reached through a proxy.
+        session.trust_env = False
+        if not is_local_authority(a.authority_host):
+            session.proxies.update(urllib.request.getproxies())
         try:
             session.verify = _ca_bundle(a)
         except OSError as exc:

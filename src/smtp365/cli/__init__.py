@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         return sendmail_main(args)
     try:
         app(args=args, prog_name="smtp365")
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # last resort: one clear line, never a traceback for users
+        sys.stderr.write(
+            f"smtp365: internal error: {type(exc).__name__}: {exc}\n"
+            "  this is a bug in smtp365; please report it with the command you ran\n"
+        )
+        return exitcodes.SOFTWARE
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         # click reports usage errors as 2; sysexits says EX_USAGE.

@@ -84,6 +84,15 @@ def show_cmd(
         "password": "***" if acc.has_secret("password") else None,
         "token": "***" if acc.has_secret("token") else None,
         "timeout": acc.timeout,
+        "flow": acc.flow.value,
+        "tenant": acc.tenant,
+        "client_id": acc.client_id,
+        "client_secret": "***" if acc.has_secret("client_secret") else None,
+        "certificate_file": str(acc.raw.certificate_file) if acc.raw.certificate_file else None,
+        "authority_host": acc.authority_host,
+        "token_cache": str(acc.token_cache),
+        "cache_encrypted": bool(acc.raw.cache_key_env or acc.raw.cache_key_file),
+        "refresh_window": acc.refresh_window,
     }
     if as_json:
         print_json(data)

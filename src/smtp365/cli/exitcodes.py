@@ -41,6 +41,8 @@ def for_error(exc: Smtp365Error) -> int:
         return PROTOCOL
     if isinstance(exc, TransportError):
         return TEMPFAIL
+    if isinstance(exc, ValueError):  # bad input given on the command line (e.g. a domain)
+        return USAGE
     return SOFTWARE
 
 

@@ -51,7 +51,12 @@ def run_sandbox(
     """Run the sandbox on 127.0.0.1 until SIGTERM/Ctrl-C; DIR/sandbox.json says how to use it."""
     if ctx.invoked_subcommand is not None:
         return
-    settings = sandbox.SandboxSettings.load(config)
+    try:
+        settings = sandbox.SandboxSettings.load(config)
+    except OSError as exc:
+        die(f"cannot read {config}: {exc.strerror or exc}", code=66)
+    except ValueError as exc:  # TOML syntax or an unknown/invalid key
+        die(f"{config} is not valid sandbox settings: {exc}", fix="see docs/sandbox.md", code=78)
     if port:
         settings = settings.model_copy(update={"smtp_port": port})
 
@@ -66,7 +71,14 @@ def run_sandbox(
             "  stop with Ctrl-C or SIGTERM"
         )
 
-    sandbox.run(state_dir, settings, on_ready=ready)
+    try:
+        sandbox.run(state_dir, settings, on_ready=ready)
+    except OSError as exc:
+        die(
+            f"the sandbox cannot start: {exc.strerror or exc}",
+            fix="choose another --port (0 picks a free one), or check the state directory",
+            code=71,
+        )
 
 
 @app.command("messages")

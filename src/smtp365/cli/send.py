@@ -16,7 +16,7 @@ from smtp365.cli import exitcodes
 from smtp365.cli.output import die, fail, out, print_json
 from smtp365.client import Mailer, build_message
 from smtp365.config import load
-from smtp365.errors import ConfigError, Smtp365Error
+from smtp365.errors import ConfigError, MessageError, Smtp365Error
 from smtp365.models import DeliveryOutcome
 
 ConfigOpt = Annotated[
@@ -139,6 +139,14 @@ def send(
             config=config,
             account=account,
             overrides=flag_overrides(host, port, username),
+        )
+    except (ValueError, UnicodeError) as exc:  # a header or file the email package refuses
+        fail(
+            MessageError(
+                f"the message cannot be built: {exc}",
+                fix="header values are single lines without CR/LF; text files must be UTF-8",
+            ),
+            as_json=as_json,
         )
     except Smtp365Error as exc:
         fail(exc, as_json=as_json)

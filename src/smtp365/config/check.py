@@ -99,13 +99,15 @@ def _rules(acc: AccountSettings, secrets_in_file: Any) -> Any:
             'set tls = "starttls", or port = 465 if the server really speaks implicit TLS',
         )
 
-    if ms and acc.tls is TLSMode.NONE:
+    if acc.tls is TLSMode.NONE and (ms or acc.auth is not AuthMethod.NONE):
+        local = acc.host.lower() == "localhost" or acc.host.startswith("127.")
         yield Finding(
-            E,
+            W if local and not ms else E,
             "no-tls",
-            'tls = "none" for Microsoft 365',
-            "Exchange Online offers AUTH only after STARTTLS; without TLS every send fails with "
-            "530 5.7.57, and credentials would cross the network in clear",
+            'tls = "none"' + (" for Microsoft 365" if ms else " with authentication"),
+            "credentials would cross the network in clear (smtp365 refuses that except to "
+            "localhost); Exchange Online offers AUTH only after STARTTLS, so every send fails "
+            "with 530 5.7.57",
             'set tls = "starttls"',
         )
 

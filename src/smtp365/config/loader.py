@@ -104,6 +104,10 @@ def load(
             ) from None
         except OSError as exc:
             raise ConfigError(f"cannot read {file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"{file} is not UTF-8 text", fix="save the config file as UTF-8 (TOML requires it)"
+            ) from None
     try:
         accounts = data.get("accounts") or {}
         inline = {

@@ -301,7 +301,7 @@ def resolve(
 
 def _secret(account: AccountSettings, kind: str) -> str:
     raw = account.raw
-    inline: SecretStr | None = getattr(raw, kind)
+    inline: SecretStr | None = getattr(raw, kind, None)  # cache_key has no inline form
     env_name: str | None = getattr(raw, f"{kind}_env")
     file_path: Path | None = getattr(raw, f"{kind}_file")
     if inline is not None:

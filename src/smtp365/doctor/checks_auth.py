@@ -3,7 +3,7 @@ AUTH, send-as probe, test send."""
 
 from __future__ import annotations
 
-from email.utils import make_msgid
+from email.utils import formatdate, make_msgid
 from typing import Any
 
 from smtp365.auth import aadsts, claims, provider_for
@@ -230,7 +230,8 @@ class SendTestCheck:
         msgid = make_msgid(domain=domain)
         body = (
             f"From: {sender}\r\nTo: {ctx.send_test}\r\nSubject: smtp365 doctor test message\r\n"
-            f"Message-ID: {msgid}\r\n\r\nThis is a test message sent by `smtp365 doctor`.\r\n"
+            f"Message-ID: {msgid}\r\nDate: {formatdate(localtime=True)}\r\n\r\n"
+            "This is a test message sent by `smtp365 doctor`.\r\n"
         )
         sub = Submission(Envelope(sender, (ctx.send_test,)), body.encode(), message_id=msgid)
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import ssl
 import time
@@ -108,6 +109,15 @@ def _rejected(
     )
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     cur: BaseException | None = exc
@@ -183,6 +193,13 @@ class SmtpTransport:
         if self.connected:
             return
         a = self.account
+        if a.tls is TLSMode.NONE and a.auth is not AuthMethod.NONE and not _is_loopback(a.host):
+            raise TLSError(
+                f"refusing to send credentials to {a.host}:{a.port} without TLS",
+                fix='set tls = "starttls" (or "implicit"); tls = "none" with authentication is '
+                "only allowed for a server on this machine (localhost)",
+                temporary=False,
+            )
         ctx = make_tls_context(a) if a.tls is not TLSMode.NONE else None
         smtp = aiosmtplib.SMTP(
             hostname=a.host,
