@@ -68,6 +68,8 @@ def test_each_problem_named(
 ) -> None:
     report = claims.check(payload, target, now=NOW)
     assert not report.ok
+    assert len(report.keys) == len(report.problems)
+    assert set(report.keys) <= {"claims.audience", "claims.permission", "claims.expired"}
     assert any(fragment in what for what, _ in report.problems), report.problems
     assert any(fix_fragment in fix for _, fix in report.problems)
 

@@ -133,9 +133,7 @@ def test_no_tls_with_auth_is_a_warning_only_for_localhost(settings: Load) -> Non
 
 
 def test_no_tls_without_auth_is_fine_for_a_custom_server(settings: Load) -> None:
-    s = settings(
-        'profile = "custom"\nhost = "mail.example.org"\ntls = "none"\nauth = "none"\n'
-    )
+    s = settings('profile = "custom"\nhost = "mail.example.org"\ntls = "none"\nauth = "none"\n')
     assert found(s) == []
 
 

@@ -26,6 +26,14 @@ GRAPH_AUDIENCES = ("https://graph.microsoft.com", "00000003-0000-0000-c000-00000
 NEEDED = {"smtp": ("SMTP.Send", "SMTP.SendAsApp"), "graph": ("Mail.Send", "Mail.Send")}
 
 
+class ClaimsError(AuthError):
+    """A token unfit for its target; ``key`` is the first problem's stable key."""
+
+    def __init__(self, what: str, *, fix: str, key: str) -> None:
+        super().__init__(what, fix=fix)
+        self.key = key
+
+
 def decode(token: str) -> dict[str, Any] | None:
     """The payload of a JWT, or ``None`` when the token is not a JWT (opaque tokens exist)."""
     parts = token.split(".")
@@ -51,6 +59,7 @@ class ClaimsReport:
     user: str | None
     tenant: str | None
     problems: list[tuple[str, str]] = field(default_factory=list)  # (what, fix)
+    keys: list[str] = field(default_factory=list)  # a stable key per problem, same order
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -111,9 +120,11 @@ def check(
             else "https://graph.microsoft.com/.default (app-only) or Mail.Send (delegated)"
         )
         report.problems.append((what, f"request the token with scope {scope}"))
+        report.keys.append("claims.audience")
     delegated_perm, app_perm = NEEDED[target]
     needed = app_perm if app_only else delegated_perm
     if needed not in perms:
+        report.keys.append("claims.permission")
         kind = "roles" if app_only else "scp"
         api = "Office 365 Exchange Online" if target == "smtp" else "Microsoft Graph"
         grant = "Application" if app_only else "Delegated"
@@ -125,6 +136,7 @@ def check(
             )
         )
     if report.expires_at is not None and report.expires_at <= now:
+        report.keys.append("claims.expired")
         report.problems.append(
             (
                 f"the token expired {int(now - report.expires_at)} s ago",
@@ -148,5 +160,5 @@ def require(token: str, target: Target, *, mailbox: str | None = None) -> Claims
     if report.problems:
         what, fix = report.problems[0]
         more = "; ".join(p for p, _ in report.problems[1:])
-        raise AuthError(what + (f" (also: {more})" if more else ""), fix=fix)
+        raise ClaimsError(what + (f" (also: {more})" if more else ""), fix=fix, key=report.keys[0])
     return report

@@ -12,6 +12,7 @@ from smtp365.doctor.model import Check, CheckResult, DoctorContext, Status
 from smtp365.doctor.network import network_checks
 from smtp365.doctor.report import Report
 from smtp365.doctor.runner import run_checks
+from smtp365.errors import ConfigError
 
 
 def all_checks() -> list[Check]:
@@ -30,7 +31,12 @@ async def run_doctor(
 ) -> Report:
     """Run every check for ``account``; with ``dns``, also the sender domain's DNS records."""
     started = time.perf_counter()
-    acc = settings.account(account)
+    try:
+        acc = settings.account(account)
+    except ConfigError as exc:  # still a report, so --json keeps its schema
+        failed = CheckResult("config", ConfigCheck.title, Status.FAIL, exc.what, fix=exc.fix)
+        name = account or settings.default_account
+        return Report(name, "", 0, [failed], (time.perf_counter() - started) * 1000)
     ctx = DoctorContext(acc, timeout=timeout, send_test=send_test)
     ctx.facts["config_findings"] = check_config(settings, account)
     try:

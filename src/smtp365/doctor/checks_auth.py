@@ -116,12 +116,13 @@ class TokenCheck:
             token = await provider.get_token()
         except AuthError as exc:
             code = aadsts.code_of({"error_description": exc.what})
+            key = exc.key if isinstance(exc, claims.ClaimsError) else None
             return result(
                 self,
                 Status.FAIL,
                 exc.what,
                 fix=exc.fix,
-                catalogue=f"AADSTS{code}" if code else None,
+                catalogue=key or (f"AADSTS{code}" if code else None),
                 why="without a token XOAUTH2 cannot sign in",
             )
         except Smtp365Error as exc:
@@ -147,6 +148,7 @@ class TokenCheck:
                 f"{what} ({seen})",
                 fix=fix,
                 data=data,
+                catalogue=report.keys[0],
                 why="Exchange Online would answer 535 5.7.3",
             )
         if report.warnings:

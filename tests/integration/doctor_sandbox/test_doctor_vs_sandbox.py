@@ -154,6 +154,7 @@ async def test_bad_token_audience(tmp_path: Path) -> None:
         report = await doctor(cfg)
     tok = report.get("token")
     assert tok.status is Status.FAIL and "is for Microsoft Graph" in tok.detail
+    assert tok.catalogue == "claims.audience"
     assert "outlook.office365.com/.default" in tok.fix
     assert report.get("smtp.auth").status is Status.SKIP
     text = json.dumps(report.to_json()) + report.to_markdown()
@@ -168,6 +169,7 @@ async def test_missing_role(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         report = await doctor(settings_for(sb, tmp_path, client_id=app.app_id))
     tok = report.get("token")
     assert tok.status is Status.FAIL and "no SMTP.SendAsApp" in tok.detail
+    assert tok.catalogue == "claims.permission"
     assert "admin consent" in tok.fix
 
 
@@ -225,3 +227,13 @@ async def test_concurrent_connection_limit(
         report = await doctor(settings_for(sb, tmp_path))
     auth = report.get("smtp.auth")
     assert auth.status is Status.WARN and auth.catalogue == "concurrent-connections"
+
+
+async def test_unusable_account_is_a_config_failure_in_the_report(tmp_path: Path) -> None:
+    path = tmp_path / "smtp365.toml"
+    path.write_text('[accounts.default]\nprofile = "direct-send"\n')
+    report = await run_doctor(load(path, env={"HOME": str(tmp_path)}), dns=False)
+    [only] = report.results
+    assert (only.id, only.status) == ("config", Status.FAIL)
+    assert "no host" in only.detail and "MX" in only.fix
+    assert report.to_json()["ok"] is False
