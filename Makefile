@@ -38,6 +38,7 @@ check: lint types arch test
 bench: $(STAMP)
 	$(BIN)/python bench/send_throughput.py
 	$(BIN)/python bench/doctor_time.py
+	$(BIN)/python bench/queue_store.py
 
 clean:
 	rm -rf $(VENV) .state .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,204 @@
+"""The relay's queue: the one place where accepted mail lives until it is delivered or failed.
+
+Life of a message::
+
+    enqueue ─▶ queued ─claim─▶ active ─complete─▶ delivered ┐
+                 ▲               │  ├──defer────▶ deferred  │ kept as the delivery log
+                 │               │  └──fail─────▶ failed    ┘ until purge_log()
+                 │   lease expires (worker crashed): claimable again
+        release ─┴── held ◀─hold── queued / deferred / active
+
+Rules every backend keeps (checked by ``tests/relay/queue_contract.py``):
+
+* ``enqueue`` returns only once the content and the envelope are durable (data fsync'd,
+  directory entry or database commit fsync'd). A crash at any instant leaves either no
+  trace of a message or a complete one.
+* ``claim`` hands each due message to one claimer only, with a lease; a lease that runs out
+  (its worker died) makes the message claimable again. Every claim counts as an attempt.
+* ``complete`` wins over anything else a stale worker does: delivery is at-least-once, and
+  a message the upstream accepted is marked delivered whatever state it is in.
+* Delivered and failed messages stay as the delivery log (with an event history per
+  message) until ``purge_log``. Delivered content is dropped at once; failed content is
+  kept (for ``retry`` and the delivery status notification) until ``purge_log``.
+
+Times are seconds since the epoch (``float``, UTC), taken from the clock the backend was
+given, so tests move time instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from smtp365.models import Envelope
+
+__all__ = [
+    "Content",
+    "Event",
+    "LogEntry",
+    "Queue",
+    "QueueStats",
+    "QueuedMessage",
+    "State",
+]
+
+Content = bytes | bytearray | memoryview | os.PathLike[str]
+"""Message bytes, or the path of a finished file that the queue takes over (moves in)."""
+
+
+class State(StrEnum):
+    QUEUED = "queued"  # waiting for its first attempt
+    ACTIVE = "active"  # leased to a worker
+    DEFERRED = "deferred"  # a temporary failure; waits for next_attempt_at
+    HELD = "held"  # stopped by the operator until released
+    DELIVERED = "delivered"  # the upstream said 250 (delivery log)
+    FAILED = "failed"  # permanently failed (delivery log)
+
+    @property
+    def terminal(self) -> bool:
+        return self in (State.DELIVERED, State.FAILED)
+
+
+class Event(StrEnum):
+    """What the per-message history records (one :class:`LogEntry` each)."""
+
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    EXPIRED = "expired"  # a lease ran out (worker crashed or hung); the message was taken back
+    HELD = "held"
+    RELEASED = "released"
+    RETRIED = "retried"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """One message as the queue knows it (a snapshot; the queue may have moved on)."""
+
+    id: str
+    sender: str
+    recipients: tuple[str, ...]
+    size: int
+    received_at: float
+    state: State
+    attempts: int
+    next_attempt_at: float
+    lease_until: float | None = None
+    last_reason: str = ""  # last defer/fail reason, or the upstream reply once delivered
+    account: str | None = None  # sending account chosen at intake; None: route later
+    client: str = ""  # who handed it to us (user name or address)
+    message_id: str = ""  # the Message-ID header, to match duplicates across the relay
+    finished_at: float | None = None  # when it was delivered or failed
+    content_path: Path | None = None  # the spool file, when the body is not stored inline
+
+    @property
+    def envelope(self) -> Envelope:
+        return Envelope(sender=self.sender, recipients=self.recipients)
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One event in a message's history: the delivery log."""
+
+    queue_id: str
+    at: float
+    event: Event
+    attempt: int
+    detail: str = ""  # upstream reply, defer/fail reason
+    duration: float | None = None  # seconds from claim to outcome, for attempts
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    counts: Mapping[State, int] = field(default_factory=dict)
+    pending_bytes: int = 0  # size of every message not yet delivered or failed
+    oldest_pending_at: float | None = None  # received_at of the oldest such message
+
+    @property
+    def pending(self) -> int:
+        return sum(n for state, n in self.counts.items() if not state.terminal)
+
+    def __getitem__(self, state: State) -> int:
+        return self.counts.get(state, 0)
+
+
+@runtime_checkable
+class Queue(Protocol):
+    """Durable message store with leases. Unknown ids and forbidden moves raise QueueError."""
+
+    async def enqueue(
+        self,
+        envelope: Envelope,
+        content: Content,
+        *,
+        message_id: str = "",
+        account: str | None = None,
+        client: str = "",
+    ) -> str:
+        """Store a message durably and return its queue id.
+
+        A path is taken over: moved into the queue's storage (or copied, then removed).
+        """
+        ...
+
+    async def claim(
+        self, n: int, lease_seconds: float, *, now: float | None = None
+    ) -> builtins.list[QueuedMessage]:
+        """Lease up to ``n`` due messages (queued/deferred with next_attempt_at <= now, or
+        active with an expired lease), oldest due first, and count an attempt on each."""
+        ...
+
+    async def read(self, queue_id: str) -> bytes:
+        """The message content, byte-exact as enqueued."""
+        ...
+
+    async def complete(self, queue_id: str, *, reply: str) -> None:
+        """The upstream accepted it: delivered, with ``reply`` kept in the log."""
+        ...
+
+    async def defer(self, queue_id: str, *, until: float, reason: str) -> None:
+        """A temporary failure: try again at ``until``. A held message stays held."""
+        ...
+
+    async def fail(self, queue_id: str, *, reason: str) -> None:
+        """A permanent failure: kept as failed (with its content) until purged."""
+        ...
+
+    async def hold(self, queue_id: str) -> None: ...
+
+    async def release(self, queue_id: str) -> None:
+        """A held message becomes due now."""
+        ...
+
+    async def retry(self, queue_id: str) -> None:
+        """A queued, deferred or failed message becomes due now."""
+        ...
+
+    async def delete(self, queue_id: str) -> None:
+        """Remove a message and its content, whatever its state."""
+        ...
+
+    async def get(self, queue_id: str) -> QueuedMessage | None: ...
+
+    async def list(
+        self, state: State | None = None, *, limit: int | None = None
+    ) -> builtins.list[QueuedMessage]:
+        """Messages in id (arrival) order, optionally of one state."""
+        ...
+
+    async def history(self, queue_id: str) -> builtins.list[LogEntry]: ...
+
+    async def stats(self) -> QueueStats: ...
+
+    async def purge_log(self, older_than: float, *, now: float | None = None) -> int:
+        """Forget delivered/failed messages finished more than ``older_than`` seconds ago,
+        and log entries as old; returns how many messages went."""
+        ...
+
+    async def close(self) -> None: ...
