@@ -1,0 +1,245 @@
+"""Intake (Postfix's cleanup): from a received DATA to a durable queue entry.
+
+The listener feeds the message line by line (already un-dot-stuffed, CRLF line ends) into a
+:class:`Draft`. The draft keeps the header section in memory (bounded by
+``header_limit``), then writes ``Received:`` (and ``Message-ID:`` when the message has none)
+in front of it, and streams the rest: in memory up to ``spill_at`` bytes, then into a file in
+the queue's ``incoming/`` directory, which the queue takes over without copying. So a 35 MB
+message is never held in memory. :meth:`Draft.commit` returns only once
+``queue.enqueue`` returned, i.e. once the message is durable.
+
+Known limit: the queue chooses the queue id inside ``enqueue``, so the ``Received:`` header
+carries the intake's own transaction id (``id``), and the queue id is logged with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import secrets
+import tempfile
+import uuid
+from dataclasses import dataclass
+from email.utils import format_datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from smtp365.errors import MessageError
+from smtp365.models import Envelope
+from smtp365.relay.queue import Content, Queue
+
+__all__ = ["ClientInfo", "Draft", "Intake"]
+
+log = logging.getLogger("smtp365.relay.intake")
+
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)")
+_BAD_ADDR = re.compile(r"[\x00-\x1f\x7f<>]")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """What the listener knows about the client, for ``Received:`` and the queue."""
+
+    ip: str
+    helo: str = ""
+    tls: str = ""  # TLS version ("TLSv1.3") or "" for a plain session
+    esmtp: bool = True
+    user: str | None = None  # authenticated user name
+    identity: str = ""  # the policy identity, e.g. "user scanner" / "network lan"
+
+    @property
+    def protocol(self) -> str:
+        """RFC 3848 ``with`` keyword."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.user else "")
+
+    @property
+    def queue_client(self) -> str:
+        return self.user if self.user is not None else self.ip
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"[^\x21-\x7e]", "?", text)[:255]
+
+
+class Draft:
+    """One message being received. Not reusable: commit or discard it."""
+
+    def __init__(
+        self,
+        intake: Intake,
+        client: ClientInfo,
+        envelope: Envelope,
+    ) -> None:
+        self._intake = intake
+        self.client = client
+        self.envelope = envelope
+        self.txn_id = secrets.token_hex(6).upper()
+        self.message_id = ""
+        self._headers: bytearray | None = bytearray()  # None once the head is written
+        self._mem = bytearray()
+        self._file: BinaryIO | None = None
+        self._path: Path | None = None
+        self.size = 0
+        self._done = False
+
+    # ------------------------------------------------------------ writing
+
+    def feed(self, line: bytes) -> None:
+        """One line of content including its CRLF (or a continuation piece)."""
+        if self._headers is not None:
+            self._headers += line
+            if line in (b"\r\n", b"\n") or len(self._headers) > self._intake.header_limit:
+                self._flush_head()
+            return
+        self._write(line)
+
+    def _flush_head(self) -> None:
+        assert self._headers is not None
+        headers = bytes(self._headers)
+        self._headers = None
+        end = headers.find(b"\r\n\r\n")
+        head = headers if end < 0 else headers[: end + 2]
+        found = _MESSAGE_ID.search(head)
+        prefix = self._intake.received(self.client, self.envelope, self.txn_id)
+        if found is not None:
+            self.message_id = found.group(1).strip().decode("ascii", "replace")
+        else:
+            self.message_id = f"<{uuid.uuid4().hex}@{self._intake.hostname}>"
+            prefix += f"Message-ID: {self.message_id}\r\n".encode()
+        self._write(prefix)
+        self._write(headers)
+
+    def _write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._mem += data
+        if len(self._mem) > self._intake.spill_at:
+            fd, name = tempfile.mkstemp(prefix="smtpd-", suffix=".tmp", dir=self._intake.spool)
+            self._path = Path(name)
+            self._file = os.fdopen(fd, "wb")
+            self._file.write(self._mem)
+            self._mem = bytearray()
+
+    # ------------------------------------------------------------ ending
+
+    async def commit(self) -> str:
+        """Make the message durable; returns the queue id."""
+        if self._done:
+            raise MessageError("this message was already committed or discarded")
+        if self._headers is not None:
+            self._flush_head()
+        content: Content
+        if self._file is not None:
+            assert self._path is not None
+            self._file.close()
+            self._file = None
+            content = self._path
+        else:
+            content = bytes(self._mem)
+        self._done = True
+        try:
+            queue_id = await self._intake.queue.enqueue(
+                self.envelope,
+                content,
+                message_id=self.message_id,
+                account=self._intake.account_for(self.client, self.envelope),
+                client=self.client.queue_client,
+            )
+        finally:
+            self._mem = bytearray()
+            if self._path is not None and self._path.exists():
+                with contextlib.suppress(OSError):
+                    self._path.unlink()  # the queue did not take it (error)
+        log.info(
+            "accepted %s (txn %s) from [%s] %s sender=<%s> recipients=%d size=%d msgid=%s",
+            queue_id,
+            self.txn_id,
+            self.client.ip,
+            self.client.identity,
+            self.envelope.sender,
+            len(self.envelope.recipients),
+            self.size,
+            self.message_id,
+        )
+        return queue_id
+
+    def discard(self) -> None:
+        self._done = True
+        self._mem = bytearray()
+        self._headers = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                self._path.unlink()
+            self._path = None
+
+
+class Intake:
+    """Shared by every session of a listener."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        hostname: str,
+        spool: str | os.PathLike[str] | None = None,
+        spill_at: int = 64 * 1024,
+        header_limit: int = 256 * 1024,
+        default_account: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.hostname = hostname
+        if spool is None:
+            incoming = getattr(queue, "incoming_dir", None)
+            spool = incoming if isinstance(incoming, Path) else None
+        self.spool = Path(spool) if spool is not None else Path(tempfile.gettempdir())
+        self.spill_at = spill_at
+        self.header_limit = header_limit
+        self.default_account = default_account
+
+    @property
+    def storage_dir(self) -> Path:
+        """Where the disk space check looks."""
+        root = getattr(self.queue, "root", None)
+        return root if isinstance(root, Path) else self.spool
+
+    def account_for(self, client: ClientInfo, envelope: Envelope) -> str | None:
+        """The sending account chosen at intake; ``None``: routed later by the scheduler."""
+        return self.default_account
+
+    def validate(self, envelope: Envelope) -> None:
+        if not envelope.recipients:
+            raise MessageError("a message needs at least one recipient")
+        for addr in (envelope.sender, *envelope.recipients):
+            if _BAD_ADDR.search(addr):
+                raise MessageError(f"invalid characters in envelope address {addr!r}")
+        for rcpt in envelope.recipients:
+            if "@" not in rcpt:
+                raise MessageError(f"recipient {rcpt!r} is not a fully qualified address")
+
+    def begin(self, client: ClientInfo, envelope: Envelope) -> Draft:
+        self.validate(envelope)
+        return Draft(self, client, envelope)
+
+    def received(self, client: ClientInfo, envelope: Envelope, txn_id: str) -> bytes:
+        helo = _clean(client.helo) or "unknown"
+        ip = client.ip if ":" not in client.ip else f"IPv6:{client.ip}"
+        lines = [f"Received: from {helo} ([{ip}])"]
+        lines.append(f"\tby {self.hostname} (smtp365 relay) with {client.protocol}")
+        if client.tls:
+            lines[-1] += f" (version={_clean(client.tls)})"
+        lines.append(f"\tid {txn_id}")
+        if len(envelope.recipients) == 1:
+            lines[-1] += f" for <{_clean(envelope.recipients[0])}>"
+        when = format_datetime(dt.datetime.now(dt.UTC))
+        text = "\r\n".join(lines)
+        return f"{text};\r\n\t{when}\r\n".encode()

@@ -1,0 +1,693 @@
+"""The relay's SMTP listener (Postfix's smtpd): plain, STARTTLS or implicit TLS.
+
+Built on ``aiosmtpd.smtp.SMTP`` for connection handling, command-line reading and the
+STARTTLS plumbing; every command with a policy in it (EHLO/HELO, STARTTLS, AUTH, MAIL, RCPT,
+DATA) is overridden. What it enforces (security.md §2-§5):
+
+* **Relay control** through :class:`~smtp365.relay.policy.RelayPolicy`: authenticated local
+  users or allow-listed networks only; routing forms refused; senders checked at MAIL.
+* **AUTH** PLAIN/LOGIN against :class:`~smtp365.relay.users.UserDB`, offered and accepted
+  only inside TLS (``538 5.7.11`` otherwise) unless the client's allow-listed network says
+  ``allow_plain_auth``; after ``auth_attempts`` failures the next AUTH gets ``421`` and close.
+* **SMTP smuggling**: DATA is read by this module, not aiosmtpd: only ``<CR><LF>.<CR><LF>``
+  ends it, and any bare CR, bare LF or NUL rejects the message (``550 5.6.0``), or with
+  ``bare_newline="normalize"`` bare CR/LF become CRLF. One transaction per DATA.
+* **Synchronisation**: input before the greeting, or after EHLO/HELO in the same segment,
+  gets ``554 5.5.0`` and close. Plaintext pipelined after STARTTLS is discarded and the
+  session starts over after the handshake.
+* **Limits**: SIZE advertised and enforced while streaming (nothing buffered beyond one line
+  and the header section; bodies spill to the queue's ``incoming/``), 1,000-octet lines in
+  DATA, 512-octet command lines, 1,000 recipients, hard error limit 20 then ``421``,
+  ``452 4.3.1`` at MAIL when free disk is below 1.5 x the size limit.
+* **Durability**: ``250`` at end of DATA only after ``queue.enqueue`` returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import collections
+import contextlib
+import logging
+import re
+import shutil
+import socket
+import ssl
+from base64 import b64decode
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AnyStr, Literal
+
+from aiosmtpd.smtp import SMTP, TLSSetupException
+
+from smtp365.errors import ConfigError, MessageError, QueueError
+from smtp365.models import Envelope
+from smtp365.relay.intake import ClientInfo, Draft, Intake
+from smtp365.relay.policy import ClientIdentity, RelayPolicy, split_path
+from smtp365.relay.queue import Queue
+from smtp365.relay.users import UserDB
+
+__all__ = ["Limits", "ListenerConfig", "RelayListener", "RelaySMTP", "server_tls_context"]
+
+log = logging.getLogger("smtp365.relay.listener")
+
+Mode = Literal["plain", "starttls", "tls"]
+_BARE = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """security.md §5 (Postfix defaults)."""
+
+    max_message_size: int = 10_240_000
+    max_line_length: int = 1000  # octets including CRLF, in DATA
+    max_command_line: int = 512
+    max_recipients: int = 1000
+    hard_error_limit: int = 20
+    auth_attempts: int = 3
+    session_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    host: str = "127.0.0.1"
+    port: int = 25
+    mode: Mode = "plain"
+    hostname: str = field(default_factory=socket.getfqdn)
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    limits: Limits = field(default_factory=Limits)
+    bare_newline: Literal["reject", "normalize"] = "reject"
+    greet_pause: float = 0.0  # wait this long for early talkers before the greeting
+    min_free_bytes: int | None = None  # default: 1.5 x max_message_size
+
+    @property
+    def free_space_needed(self) -> int:
+        if self.min_free_bytes is not None:
+            return self.min_free_bytes
+        return int(1.5 * self.limits.max_message_size)
+
+
+def server_tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load the listener certificate {cert_file} / key {key_file}: {exc}",
+            fix="check the paths and that the key matches the certificate",
+        ) from exc
+    return ctx
+
+
+@dataclass
+class _Shared:
+    config: ListenerConfig
+    policy: RelayPolicy
+    intake: Intake
+    users: UserDB | None
+    tls_context: ssl.SSLContext | None
+    sessions: set[RelaySMTP] = field(default_factory=set)
+
+
+class _NoHooks:
+    """aiosmtpd wants a handler object; all behaviour lives in :class:`RelaySMTP`."""
+
+
+class RelaySMTP(SMTP):
+    """One client connection."""
+
+    def __init__(self, shared: _Shared) -> None:
+        self._shared = shared
+        cfg = shared.config
+        limits = cfg.limits
+        # The StreamReader limit: a DATA line may carry a transparent dot.
+        self.line_length_limit = max(limits.max_line_length, limits.max_command_line) + 2
+        self._user: str | None = None
+        self._user_senders: tuple[str, ...] = ()
+        self._auth_failures = 0
+        self._errors = 0
+        self._utf8 = False
+        self._greeted = False
+        self._early = asyncio.Event()
+        self._closing = False
+        self._closed_once = False
+        super().__init__(
+            _NoHooks(),
+            data_size_limit=limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=cfg.hostname,
+            ident="ESMTP smtp365 relay",
+            tls_context=shared.tls_context if cfg.mode == "starttls" else None,
+            timeout=limits.session_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+        self.command_size_limit = limits.max_command_line
+        self.command_size_limits = collections.defaultdict(lambda: limits.max_command_line)
+        # Once a session is being closed (421, synchronisation error), commands the client
+        # already pipelined are not executed.
+        table: dict[str, Callable[[str | None], Awaitable[None]]] = self._smtp_methods
+        self._smtp_methods = {name: self._guard(meth) for name, meth in table.items()}
+
+    def _guard(
+        self, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        async def run(arg: str | None) -> None:
+            if not self._closing:
+                await method(arg)
+
+        return run
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def client_ip(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        if isinstance(peer, tuple) and peer:
+            return str(peer[0])
+        return "unknown"
+
+    def tls_version(self) -> str:
+        transport = self.transport
+        if transport is None:
+            return ""
+        obj: Any = transport.get_extra_info("ssl_object")
+        return str(obj.version()) if obj is not None else ""
+
+    def _identity(self) -> ClientIdentity | None:
+        return self._shared.policy.identity(self.client_ip, self._user, self._user_senders)
+
+    def _auth_permitted(self) -> bool:
+        return bool(self.tls_version()) or self._shared.policy.plain_auth_allowed(self.client_ip)
+
+    def _pending_input(self) -> bool:
+        buffer: Any = getattr(self._reader, "_buffer", b"")
+        return len(buffer) > 0
+
+    def _discard_input(self) -> None:
+        buffer: Any = getattr(self._reader, "_buffer", None)
+        if buffer is not None:
+            buffer.clear()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def push(self, status: AnyStr) -> None:
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if self._closing or self.transport is None or self.transport.is_closing():
+            return
+        if text.startswith("220 ") and not self._greeted:
+            self._greeted = True
+        await super().push(status)
+        if text[:1] in ("4", "5") and not text.startswith("421"):
+            self._errors += 1
+            if self._errors >= self._shared.config.limits.hard_error_limit:
+                log.warning("[%s] too many errors; closing", self.client_ip)
+                await super().push("421 4.7.0 Error: too many errors")
+                self._close()
+
+    async def _push_lines(self, code: int, lines: list[str]) -> None:
+        for i, line in enumerate(lines):
+            await self.push(f"{code}{' ' if i == len(lines) - 1 else '-'}{line}")
+
+    # ------------------------------------------------------------- life cycle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        upgrading = self.transport is not None and self._original_transport is not None
+        super().connection_made(transport)
+        if upgrading:
+            # RFC 3207 §4.2: forget everything learnt before TLS (aiosmtpd made a new
+            # session and cleared the plaintext buffer).
+            self._user = None
+            self._user_senders = ()
+            self._utf8 = False
+        else:
+            self._shared.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._closed_once:
+            self._closed_once = True
+            self._shared.sessions.discard(self)
+        super().connection_lost(error)
+        closed = getattr(self, "_closed", None)
+        if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
+            closed.exception()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._greeted:
+            self._early.set()
+        super().data_received(data)
+
+    async def _handle_client(self) -> None:
+        pause = self._shared.config.greet_pause
+        if pause > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._early.wait(), pause)
+        if self._early.is_set() or self._pending_input():
+            log.warning("[%s] talked before the greeting", self.client_ip)
+            await self.push("554 5.5.0 SMTP protocol synchronization error")
+            self._close()
+            return
+        await super()._handle_client()
+
+    def _set_post_data_state(self) -> None:
+        self.envelope = self._create_envelope()
+        self._utf8 = False
+
+    def _set_rset_state(self) -> None:
+        self._set_post_data_state()
+
+    async def check_helo_needed(self, helo: str = "HELO") -> bool:
+        assert self.session is not None
+        if not self.session.host_name:
+            await self.push("503 5.5.1 Error: send HELO/EHLO first")
+            return True
+        return False
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            log.info("[%s] TLS handshake failed: %r", self.client_ip, error.__cause__)
+        else:
+            log.exception("[%s] session error", self.client_ip)
+        return "451 4.3.0 Error: internal error, try again later"
+
+    # ------------------------------------------------------------- greeting
+
+    async def _hello(self, hostname: str | None, extended: bool) -> bool:
+        if not hostname:
+            await self.push(f"501 5.5.4 Syntax: {'EHLO' if extended else 'HELO'} hostname")
+            return False
+        if self._pending_input():
+            log.warning("[%s] pipelined after %s", self.client_ip, "EHLO" if extended else "HELO")
+            await self.push("554 5.5.0 SMTP protocol synchronization error")
+            self._close()
+            return False
+        self._set_rset_state()
+        assert self.session is not None
+        self.session.extended_smtp = extended
+        self.session.host_name = hostname
+        return True
+
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        if await self._hello(hostname, extended=False):
+            await self.push(f"250 {self.hostname}")
+
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        if not await self._hello(hostname, extended=True):
+            return
+        lines = [
+            f"{self.hostname} Hello [{self.client_ip}]",
+            f"SIZE {self._shared.config.limits.max_message_size}",
+            "8BITMIME",
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ]
+        if self.tls_context is not None and not self.tls_version():
+            lines.append("STARTTLS")
+        if self._shared.users is not None and self._user is None and self._auth_permitted():
+            lines.append("AUTH PLAIN LOGIN")
+        await self._push_lines(250, lines)
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: RSET")
+            return
+        self._set_rset_state()
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        await self.push("252 2.0.0 Cannot VRFY user")
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.push("502 5.5.1 EXPN not available")
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.tls_context is None or self.tls_version():
+            await self.push("502 5.5.1 STARTTLS not available")
+            return
+        if await self.check_helo_needed():
+            return
+        if self._pending_input():
+            log.warning("[%s] plaintext pipelined after STARTTLS: discarded", self.client_ip)
+        self._discard_input()  # CVE-2011-0411: nothing sent before the handshake counts
+        await super().smtp_STARTTLS(arg)
+
+    # ---------------------------------------------------------------- AUTH
+
+    async def _read_sasl(self, challenge: str) -> bytes | None:
+        await self.push(f"334 {challenge}")
+        try:
+            line = await self._reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError:
+            self._discard_input()
+            await self.push("500 5.5.6 Authentication exchange line is too long")
+            return None
+        except asyncio.IncompleteReadError:
+            self._close()
+            return None
+        return await self._decode_sasl(line.rstrip(b"\r\n"))
+
+    async def _decode_sasl(self, blob: bytes) -> bytes | None:
+        if blob == b"*":
+            await self.push("501 5.7.0 Authentication aborted")
+            return None
+        try:
+            return b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            await self.push("501 5.5.2 Cannot decode the authentication response")
+            return None
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        if await self.check_helo_needed("EHLO"):
+            return
+        assert self.session is not None and self.envelope is not None
+        users = self._shared.users
+        if users is None:
+            await self.push("502 5.5.1 AUTH not available")
+            return
+        if self._user is not None:
+            await self.push("503 5.5.1 Error: already authenticated")
+            return
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: AUTH not allowed during a mail transaction")
+            return
+        if self._auth_failures >= self._shared.config.limits.auth_attempts:
+            log.warning("[%s] too many AUTH attempts; closing", self.client_ip)
+            await self.push("421 4.7.0 Error: too many authentication attempts")
+            self._close()
+            return
+        if not self._auth_permitted():
+            await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        parts = (arg or "").split()
+        if not parts or len(parts) > 2:
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        mechanism = parts[0].upper()
+        initial = parts[1].encode("ascii", "replace") if len(parts) == 2 else None
+        user: str | None = None
+        password = ""
+        if mechanism == "PLAIN":
+            raw = await (self._decode_sasl(initial) if initial else self._read_sasl(""))
+            if raw is not None:
+                fields = raw.split(b"\x00")
+                if len(fields) == 3 and fields[0] in (b"", fields[1]):
+                    user = fields[1].decode("utf-8", "replace")
+                    password = fields[2].decode("utf-8", "replace")
+                else:
+                    user = ""
+        elif mechanism == "LOGIN":
+            name = await (
+                self._decode_sasl(initial) if initial else self._read_sasl("VXNlcm5hbWU6")
+            )
+            if name is not None:
+                secret = await self._read_sasl("UGFzc3dvcmQ6")
+                if secret is not None:
+                    user = name.decode("utf-8", "replace")
+                    password = secret.decode("utf-8", "replace")
+        else:
+            await self.push("504 5.5.4 Unrecognized authentication type")
+            return
+        if user is None:  # aborted or undecodable: already answered, still an attempt
+            self._auth_failures += 1
+            return
+        ok = bool(user) and await asyncio.to_thread(users.verify, user, password)
+        if not ok:
+            self._auth_failures += 1
+            # One stable line per failure, for fail2ban.
+            log.warning(
+                "AUTH failed from [%s]: mechanism=%s user=%r", self.client_ip, mechanism, user
+            )
+            await self.push("535 5.7.8 Error: authentication failed")
+            return
+        entry = users.get(user)
+        self._user = user
+        self._user_senders = entry.senders if entry is not None else ()
+        log.info("[%s] authenticated as %s", self.client_ip, user)
+        await self.push("235 2.7.0 Authentication successful")
+
+    # ------------------------------------------------------------ MAIL / RCPT
+
+    def _disk_low(self) -> bool:
+        try:
+            free = shutil.disk_usage(self._shared.intake.storage_dir).free
+        except OSError:
+            return True
+        return free < self._shared.config.free_space_needed
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None and self.envelope is not None
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        rest = self._strip_command_keyword("FROM:", arg or "")
+        split = split_path(rest) if rest is not None else None
+        if split is None:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        path, params = split
+        utf8 = False
+        if params and not self.session.extended_smtp:
+            await self.push("555 5.5.4 MAIL parameters need EHLO")
+            return
+        for param in params.split():
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if key == "SIZE" and value.isdigit():
+                if int(value) > self._shared.config.limits.max_message_size:
+                    await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+                    return
+            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                pass
+            elif key == "SMTPUTF8" and not value:
+                utf8 = True
+            else:
+                await self.push(f"555 5.5.4 Unsupported MAIL parameter {key[:32]}")
+                return
+        if self._disk_low():
+            log.warning("[%s] MAIL refused: free disk space is low", self.client_ip)
+            await self.push("452 4.3.1 Insufficient system storage")
+            return
+        refusal = self._shared.policy.check_sender(self._identity(), path, utf8=utf8)
+        if refusal is not None:
+            log.info("[%s] MAIL FROM:<%s> refused: %s", self.client_ip, path, refusal)
+            await self.push(refusal)
+            return
+        self.envelope.mail_from = path
+        self.envelope.mail_options = params.split()
+        self._utf8 = utf8
+        await self.push("250 2.1.0 Ok")
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        rest = self._strip_command_keyword("TO:", arg or "")
+        split = split_path(rest) if rest is not None else None
+        if split is None:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        path, params = split
+        if params:
+            await self.push("555 5.5.4 RCPT parameters are not supported")
+            return
+        if len(self.envelope.rcpt_tos) >= self._shared.config.limits.max_recipients:
+            await self.push("452 4.5.3 Error: too many recipients")
+            return
+        refusal = self._shared.policy.check_recipient(self._identity(), path, utf8=self._utf8)
+        if refusal is not None:
+            log.info("[%s] RCPT TO:<%s> refused: %s", self.client_ip, path, refusal)
+            await self.push(refusal)
+            return
+        self.envelope.rcpt_tos.append(path)
+        await self.push("250 2.1.5 Ok")
+
+    # ---------------------------------------------------------------- DATA
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None and self.session is not None
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        identity = self._identity()
+        client = ClientInfo(
+            ip=self.client_ip,
+            helo=str(self.session.host_name or ""),
+            tls=self.tls_version(),
+            esmtp=bool(self.session.extended_smtp),
+            user=self._user,
+            identity=str(identity) if identity is not None else "",
+        )
+        envelope = Envelope(self.envelope.mail_from, tuple(self.envelope.rcpt_tos))
+        try:
+            draft = self._shared.intake.begin(client, envelope)
+        except MessageError as exc:
+            self._set_post_data_state()
+            await self.push(f"554 5.5.0 Error: {exc.what}")
+            return
+        committed = False
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            problem = await self._receive(draft)
+            self._set_post_data_state()  # exactly one transaction per DATA
+            if problem is not None:
+                log.info("[%s] message refused: %s", self.client_ip, problem)
+                await self.push(problem)
+                return
+            try:
+                queue_id = await draft.commit()
+            except QueueError as exc:
+                log.error("[%s] could not queue a message: %s", self.client_ip, exc.what)
+                await self.push("451 4.3.0 Error: queue file write error")
+                return
+            finally:
+                committed = True
+            await self.push(f"250 2.0.0 Ok: queued as {queue_id}")
+        finally:
+            if not committed:
+                draft.discard()
+
+    async def _receive(self, draft: Draft) -> str | None:
+        """Read DATA up to ``<CR><LF>.<CR><LF>``, feeding ``draft`` while the message is
+        acceptable; returns the refusal reply, or ``None``."""
+        limits = self._shared.config.limits
+        normalize = self._shared.config.bare_newline == "normalize"
+        reader = self._reader
+        at_line_start = True
+        line_len = 0
+        size = 0
+        problem: str | None = None
+        while True:
+            try:
+                piece: bytes = await reader.readuntil(b"\r\n")
+                complete = True
+            except asyncio.LimitOverrunError as exc:
+                piece = await reader.read(exc.consumed)
+                complete = False
+            self._reset_timeout()
+            if at_line_start:
+                if piece == b".\r\n":
+                    return problem
+                if piece.startswith(b"."):
+                    piece = piece[1:]
+            at_line_start = complete
+            line_len += len(piece)
+            if complete:
+                this_line, line_len = line_len, 0
+            else:
+                this_line = line_len
+            if problem is not None:
+                continue
+            body = piece[:-2] if complete else piece
+            if b"\x00" in body:
+                problem = "550 5.6.0 Message content contains NUL characters"
+                continue
+            if b"\r" in body or b"\n" in body:
+                if not normalize:
+                    problem = (
+                        "550 5.6.0 Message content contains bare CR or LF characters"
+                        " (only CRLF line ends are accepted)"
+                    )
+                    continue
+                piece = _BARE.sub(b"\r\n", body) + (b"\r\n" if complete else b"")
+            if this_line > limits.max_line_length:
+                problem = f"500 5.5.0 Message line longer than {limits.max_line_length} characters"
+                continue
+            size += len(piece)
+            if size > limits.max_message_size:
+                problem = "552 5.3.4 Message size exceeds fixed maximum message size"
+                continue
+            draft.feed(piece)
+
+
+class RelayListener:
+    """One listening socket with its mode, policy and limits."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        *,
+        queue: Queue,
+        policy: RelayPolicy,
+        users: UserDB | None = None,
+        intake: Intake | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if tls_context is None and config.mode != "plain":
+            if config.cert_file is None or config.key_file is None:
+                raise ConfigError(
+                    f"a {config.mode} listener needs a certificate and a key",
+                    fix="set cert_file and key_file for this listener",
+                )
+            tls_context = server_tls_context(config.cert_file, config.key_file)
+        self.config = config
+        self._shared = _Shared(
+            config=config,
+            policy=policy,
+            intake=intake or Intake(queue, hostname=config.hostname),
+            users=users,
+            tls_context=tls_context,
+        )
+        self._server: asyncio.Server | None = None
+
+    @property
+    def sessions(self) -> int:
+        return len(self._shared.sessions)
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the listener is not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: RelaySMTP(self._shared),
+            self.config.host,
+            self.config.port,
+            ssl=self._shared.tls_context if self.config.mode == "tls" else None,
+        )
+        log.info("listening on %s:%d (%s)", self.config.host, self.port, self.config.mode)
+
+    async def stop(self) -> None:
+        """Stop accepting and close every session (a DATA in progress gets no 250)."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        for session in list(self._shared.sessions):
+            session._close()
+        await server.wait_closed()
+
+    async def __aenter__(self) -> RelayListener:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

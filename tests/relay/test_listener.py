@@ -1,0 +1,504 @@
+"""The relay listener against real sockets: smtplib as the client, a real SQLite queue."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import smtplib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from smtp365.relay.listener import Limits
+from smtp365.relay.policy import NetworkRule, RelayPolicy
+from smtp365.relay.users import UserDB
+
+from .listener_helpers import FAST_HASHER, HOSTNAME, LOCALHOST, MakeRelay, Relay, relay_factory
+
+D = "foreign.example"
+S = HOSTNAME
+IP = "127.0.0.1"
+
+MESSAGE = (
+    b"From: app@corp.example\r\nTo: t@foreign.example\r\nSubject: hello\r\n"
+    b"Message-ID: <abc.123@corp.example>\r\n\r\nbody line 1\r\n.leading dot\r\n\r\nend\r\n"
+)
+
+
+@pytest.fixture
+async def make_relay(tmp_path: Path) -> AsyncIterator[MakeRelay]:
+    async with relay_factory(tmp_path) as make:
+        yield make
+
+
+def _ok(code: int) -> None:
+    assert 200 <= code < 400, code
+
+
+def _plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+# ---------------------------------------------------------------- acceptance
+
+
+async def test_accepted_message_is_queued_byte_exact(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,))
+
+    def send() -> tuple[int, bytes]:
+        with relay.connect() as smtp:
+            smtp.ehlo("client.example")
+            assert "size" in smtp.esmtp_features
+            _ok(smtp.mail("app@corp.example")[0])
+            _ok(smtp.rcpt("t@foreign.example")[0])
+            _ok(smtp.rcpt("u@foreign.example")[0])
+            return smtp.data(MESSAGE)
+
+    code, reply = await asyncio.to_thread(send)
+    assert code == 250
+    [msg] = await relay.queue.list()
+    assert reply.decode() == f"2.0.0 Ok: queued as {msg.id}"
+    assert msg.sender == "app@corp.example"
+    assert msg.recipients == ("t@foreign.example", "u@foreign.example")
+    assert msg.message_id == "<abc.123@corp.example>"
+    assert msg.client == "127.0.0.1"
+    content = await relay.queue.read(msg.id)
+    assert content.endswith(MESSAGE)
+    head = content[: -len(MESSAGE)].decode()
+    assert head.startswith("Received: from client.example ([127.0.0.1])\r\n\tby relay.test")
+    assert "with ESMTP" in head and head.endswith("\r\n")
+    assert all(line.startswith(("Received:", "\t")) for line in head.splitlines())
+
+
+async def test_message_id_added_and_large_message_streamed(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,))
+    body = b"Subject: big\r\n\r\n" + b"".join(
+        b"%06d " % i + b"x" * 90 + b"\r\n" for i in range(3000)
+    )
+
+    def send() -> None:
+        with relay.connect() as smtp:
+            smtp.sendmail("app@corp.example", ["t@foreign.example"], body)
+
+    await asyncio.to_thread(send)
+    [msg] = await relay.queue.list()
+    content = await relay.queue.read(msg.id)
+    assert content.endswith(body)
+    assert msg.message_id.startswith("<") and msg.message_id.endswith(f"@{HOSTNAME}>")
+    assert f"Message-ID: {msg.message_id}\r\n".encode() in content[: -len(body)]
+    assert msg.content_path is not None  # went through incoming/ into the spool
+    assert list((relay.queue.root / "incoming").iterdir()) == []
+
+
+# ---------------------------------------------------------------- open relay
+
+MATRIX = [
+    ("", f"t@{D}"),
+    (f"f@{D}", f"t@{D}"),
+    (f"f@{S}", f"t@{D}"),
+    (f"f@[{IP}]", f"t@{D}"),
+    *(
+        (f"f@[{IP}]", rcpt)
+        for rcpt in (
+            f"t%{D}@[{IP}]",
+            f"t%{D}@{S}",
+            f'"t@{D}"',
+            f'"t%{D}"',
+            f"t@{D}@[{IP}]",
+            f'"t@{D}"@[{IP}]',
+            f"t@{D}@{S}",
+            f"@[{IP}]:t@{D}",
+            f"@{S}:t@{D}",
+            f"{D}!t",
+            f"{D}!t@[{IP}]",
+            f"{D}!t@{S}",
+        )
+    ),
+]
+
+
+def _probe(relay: Relay, cases: list[tuple[str, str]]) -> list[tuple[str, int, bytes]]:
+    results = []
+    with relay.connect() as smtp:
+        smtp.ehlo("probe.example")
+        for sender, rcpt in cases:
+            mail = smtp.docmd(f"MAIL FROM:<{sender}>")[0]
+            rcpt_code, text = smtp.docmd(f"RCPT TO:<{rcpt}>")
+            if mail == 250:
+                assert rcpt_code == 554 and b"Relay access denied" in text, (rcpt, text)
+            assert 500 <= smtp.docmd("DATA")[0] < 600
+            smtp.rset()
+            results.append((rcpt, rcpt_code, text))
+    return results
+
+
+async def test_open_relay_matrix_unauthorised_client(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(NetworkRule.parse("192.0.2.0/24"),))
+    # Sessions of a few cases each, so the hard error limit (20) is not what answers.
+    for i in range(0, len(MATRIX), 5):
+        results = await asyncio.to_thread(_probe, relay, MATRIX[i : i + 5])
+        for rcpt, code, text in results:
+            assert 500 <= code < 600, (rcpt, code, text)
+    assert await relay.queue.list() == []
+
+
+ROUTING_FORMS = [
+    f"t%{D}@[{IP}]",
+    f"t%{D}@{S}",
+    f'"t%{D}"@{S}',
+    f'"t@{D}"@{S}',
+    f'"t@{D}"@[{IP}]',
+    f"t@{D}@{S}",
+    f"@[{IP}]:t@{D}",
+    f"@{S}:t@{D}",
+    f"@a.example,@b.example:t@{D}",
+    f"{D}!t",
+    f"{D}!t@{S}",
+    f"t@[{IP}]",
+]
+
+
+async def test_allowed_client_relays_but_routing_forms_are_refused(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,))
+
+    def run() -> list[tuple[str, int, bytes]]:
+        out = []
+        with relay.connect() as smtp:
+            smtp.ehlo("lan.example")
+            _ok(smtp.mail("app@corp.example")[0])
+            for rcpt in ROUTING_FORMS:
+                code, text = smtp.docmd(f"RCPT TO:<{rcpt}>")
+                out.append((rcpt, code, text))
+            _ok(smtp.rcpt(f"good@{D}")[0])
+            _ok(smtp.data(MESSAGE)[0])
+        return out
+
+    for rcpt, code, text in await asyncio.to_thread(run):
+        assert 500 <= code < 600, (rcpt, code, text)
+    [msg] = await relay.queue.list()
+    assert msg.recipients == (f"good@{D}",)
+
+
+# ---------------------------------------------------------------- AUTH
+
+
+async def test_auth_refused_in_plain_text_and_works_inside_starttls(
+    make_relay: MakeRelay,
+) -> None:
+    relay = await make_relay(mode="starttls")
+    relay.users.add("scanner", "s3cret-pw", ["scanner@corp.example", "*@printers.example"])
+
+    def run() -> tuple[int, int]:
+        with relay.connect() as smtp:
+            smtp.ehlo("dev.example")
+            assert "auth" not in smtp.esmtp_features
+            assert "starttls" in smtp.esmtp_features
+            plain = smtp.docmd("AUTH", "PLAIN " + _plain("scanner", "s3cret-pw"))
+            assert plain[0] == 538, plain
+            smtp.starttls(context=relay.client_context())
+            smtp.ehlo("dev.example")
+            assert smtp.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+            smtp.login("scanner", "s3cret-pw")
+            refused = smtp.docmd("MAIL FROM:<boss@corp.example>")[0]
+            smtp.sendmail("x@printers.example", [f"t@{D}"], MESSAGE)
+            return plain[0], refused
+
+    _, refused = await asyncio.to_thread(run)
+    assert refused == 553
+    [msg] = await relay.queue.list()
+    assert msg.client == "scanner" and msg.sender == "x@printers.example"
+    content = await relay.queue.read(msg.id)
+    assert b"with ESMTPSA (version=TLSv1." in content
+
+
+async def test_auth_login_on_implicit_tls(make_relay: MakeRelay) -> None:
+    relay = await make_relay(mode="tls")
+    relay.users.add("app", "pw-123", ["*"])
+
+    def run() -> None:
+        with relay.connect() as smtp:
+            smtp.ehlo("dev.example")
+            assert smtp.docmd("AUTH LOGIN")[0] == 334
+            assert smtp.docmd(base64.b64encode(b"app").decode())[0] == 334
+            assert smtp.docmd(base64.b64encode(b"pw-123").decode())[0] == 235
+            smtp.sendmail("any@where.example", [f"t@{D}"], MESSAGE)
+
+    await asyncio.to_thread(run)
+    assert len(await relay.queue.list()) == 1
+
+
+async def test_wrong_password_535_then_421_on_fourth_attempt(make_relay: MakeRelay) -> None:
+    relay = await make_relay(mode="starttls")
+    relay.users.add("scanner", "right", ["*"])
+
+    def run() -> list[int]:
+        codes = []
+        with relay.connect() as smtp:
+            smtp.starttls(context=relay.client_context())
+            smtp.ehlo("dev.example")
+            for _ in range(4):
+                codes.append(smtp.docmd("AUTH", "PLAIN " + _plain("scanner", "wrong"))[0])
+            with pytest.raises(smtplib.SMTPServerDisconnected):
+                smtp.noop()
+        return codes
+
+    assert await asyncio.to_thread(run) == [535, 535, 535, 421]
+
+
+async def test_plain_auth_allowed_for_flagged_network(make_relay: MakeRelay) -> None:
+    net = NetworkRule.parse("127.0.0.0/8", senders=["dev@corp.example"], allow_plain_auth=True)
+    relay = await make_relay(networks=(net,))
+    relay.users.add("app", "pw", ["app@corp.example"])
+
+    def run() -> tuple[int, int]:
+        with relay.connect() as smtp:
+            smtp.ehlo("dev.example")
+            before = smtp.docmd("MAIL FROM:<app@corp.example>")[0]  # network identity
+            smtp.rset()
+            smtp.login("app", "pw")
+            smtp.sendmail("app@corp.example", [f"t@{D}"], MESSAGE)
+            return before, 0
+
+    before, _ = await asyncio.to_thread(run)
+    assert before == 553
+    [msg] = await relay.queue.list()
+    assert msg.client == "app"
+
+
+# ---------------------------------------------------------------- smuggling
+
+FAKE_ENDS = [
+    b"\n.\n",
+    b"\n.\r",
+    b"\r.\n",
+    b"\r.\r",
+    b"\n.\r\n",
+    b"\r.\r\n",
+    b"\r\n.\n",
+    b"\r\n.\r",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\r\r\n",
+    b"\r\r\n.\r\r\n",
+]
+SMUGGLED = (
+    b"MAIL FROM:<evil@smuggled.example>\r\nRCPT TO:<victim@foreign.example>\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nevil\r\n"
+)
+
+
+def _smuggle(relay: Relay, fake_end: bytes, tls: bool) -> tuple[int, bytes]:
+    with relay.connect() as smtp:
+        if tls:
+            smtp.starttls(context=relay.client_context())
+        smtp.ehlo("lan.example")
+        _ok(smtp.mail("app@corp.example")[0])
+        _ok(smtp.rcpt(f"t@{D}")[0])
+        assert smtp.docmd("DATA")[0] == 354
+        smtp.send(b"Subject: one\r\n\r\nhello" + fake_end + SMUGGLED + b"\r\n.\r\n")
+        reply = smtp.getreply()
+        assert smtp.noop()[0] == 250  # the session goes on, no pending transaction
+        assert smtp.docmd("DATA")[0] == 503
+        return reply
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
+@pytest.mark.parametrize("fake_end", FAKE_ENDS, ids=[repr(f)[2:-1] for f in FAKE_ENDS])
+async def test_smuggling_rejected(make_relay: MakeRelay, fake_end: bytes, tls: bool) -> None:
+    relay = await make_relay(mode="starttls" if tls else "plain", networks=(LOCALHOST,))
+    code, text = await asyncio.to_thread(_smuggle, relay, fake_end, tls)
+    assert code == 550 and text.startswith(b"5.6.0"), (code, text)
+    assert await relay.queue.list() == []
+    assert list((relay.queue.root / "incoming").iterdir()) == []
+
+
+@pytest.mark.parametrize("fake_end", FAKE_ENDS, ids=[repr(f)[2:-1] for f in FAKE_ENDS])
+async def test_smuggling_normalised(make_relay: MakeRelay, fake_end: bytes) -> None:
+    relay = await make_relay(networks=(LOCALHOST,), bare_newline="normalize")
+    code, _ = await asyncio.to_thread(_smuggle, relay, fake_end, False)
+    messages = await relay.queue.list()
+    assert all(m.sender == "app@corp.example" for m in messages)
+    if b"\x00" in fake_end:
+        assert code == 550 and messages == []
+        return
+    assert code == 250 and len(messages) == 1
+    content = await relay.queue.read(messages[0].id)
+    assert b"\r" not in content.replace(b"\r\n", b"") and b"\n" not in content.replace(b"\r\n", b"")
+
+
+# ---------------------------------------------------------------- limits
+
+
+async def test_oversized_message_552_nothing_queued(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,), limits=Limits(max_message_size=100_000))
+    big = b"Subject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * 2000
+
+    def run() -> tuple[int, int]:
+        with relay.connect() as smtp:
+            smtp.ehlo("lan.example")
+            assert smtp.esmtp_features["size"] == "100000"
+            size_code = smtp.docmd("MAIL FROM:<a@corp.example> SIZE=200000")[0]
+            # Without SIZE: refused at the end of DATA.
+            _ok(smtp.docmd("MAIL FROM:<a@corp.example>")[0])
+            _ok(smtp.rcpt(f"t@{D}")[0])
+            code = smtp.data(big)[0]
+            assert smtp.noop()[0] == 250
+            return size_code, code
+
+    assert await asyncio.to_thread(run) == (552, 552)
+    assert await relay.queue.list() == []
+    assert list((relay.queue.root / "incoming").iterdir()) == []
+
+
+async def test_long_line_and_recipient_limit(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,), limits=Limits(max_recipients=2))
+
+    def run() -> tuple[int, int, int]:
+        with relay.connect() as smtp:
+            smtp.ehlo("lan.example")
+            smtp.mail("a@corp.example")
+            smtp.rcpt(f"t1@{D}")
+            smtp.rcpt(f"t2@{D}")
+            third = smtp.rcpt(f"t3@{D}")[0]
+            long_line = smtp.data(b"Subject: x\r\n\r\n" + b"z" * 1001 + b"\r\n")[0]
+            cmd = smtp.docmd("NOOP " + "n" * 600)[0]
+            return third, long_line, cmd
+
+    assert await asyncio.to_thread(run) == (452, 500, 500)
+    assert await relay.queue.list() == []
+
+
+async def test_low_disk_452_at_mail(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,), min_free_bytes=2**62)
+
+    def run() -> tuple[int, bytes]:
+        with relay.connect() as smtp:
+            smtp.ehlo("lan.example")
+            return smtp.docmd("MAIL FROM:<a@corp.example>")
+
+    code, text = await asyncio.to_thread(run)
+    assert (code, text) == (452, b"4.3.1 Insufficient system storage")
+
+
+async def test_hard_error_limit(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,))
+
+    def run() -> list[int]:
+        with relay.connect() as smtp:
+            smtp.ehlo("lan.example")
+            codes = [smtp.docmd("RCPT TO:<x@y.example>")[0] for _ in range(19)]
+            smtp.send(b"RCPT TO:<x@y.example>\r\n")
+            codes.append(smtp.getreply()[0])
+            codes.append(smtp.getreply()[0])
+            return codes
+
+    codes = await asyncio.to_thread(run)
+    assert codes == [503] * 20 + [421]
+
+
+# ---------------------------------------------------------------- synchronisation
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+async def test_pipelining_before_greeting_554(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,), greet_pause=30.0)
+
+    def run() -> bytes:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            sock.sendall(b"EHLO early.example\r\nMAIL FROM:<a@corp.example>\r\n")
+            return _recv_all(sock)
+
+    assert await asyncio.to_thread(run) == b"554 5.5.0 SMTP protocol synchronization error\r\n"
+    assert await relay.queue.list() == []
+
+
+async def test_pipelining_after_ehlo_554(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,))
+
+    def run() -> tuple[int, bytes]:
+        with relay.connect() as smtp:
+            smtp.send(b"EHLO x.example\r\nMAIL FROM:<a@corp.example>\r\n")
+            return smtp.getreply()
+
+    assert await asyncio.to_thread(run) == (554, b"5.5.0 SMTP protocol synchronization error")
+
+
+async def test_starttls_injection_discarded_and_session_reset(make_relay: MakeRelay) -> None:
+    relay = await make_relay(mode="starttls", networks=(LOCALHOST,))
+    ctx = relay.client_context()
+
+    def run() -> list[bytes]:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as raw:
+            f = raw.makefile("rb")
+            assert f.readline().startswith(b"220 ")
+            raw.sendall(b"EHLO a.example\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            raw.sendall(b"STARTTLS\r\nRSET\r\n")
+            assert f.readline().startswith(b"220 ")
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"MAIL FROM:<a@corp.example>\r\n")
+                tf = tls.makefile("rb")
+                first = tf.readline()  # no stray RSET reply; EHLO forgotten
+                tls.sendall(b"QUIT\r\n")
+                return [first, tf.readline()]
+
+    first, bye = await asyncio.to_thread(run)
+    assert first == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+    assert bye.startswith(b"221")
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_users_file(tmp_path: Path) -> None:
+    db = UserDB(tmp_path / "users.json", hasher=FAST_HASHER)
+    db.add("scanner", "pw", ["*@corp.example", "boss@other.example"])
+    assert (tmp_path / "users.json").stat().st_mode & 0o777 == 0o600
+    assert b'pw"' not in (tmp_path / "users.json").read_bytes()
+    again = UserDB(tmp_path / "users.json", hasher=FAST_HASHER)
+    assert again.verify("scanner", "pw")
+    assert not again.verify("scanner", "PW")
+    assert not again.verify("nobody", "pw")
+    user = again.get("scanner")
+    assert user is not None and "$argon2" not in repr(user)
+    assert user.may_send_as("x@CORP.example") and user.may_send_as("boss@other.example")
+    assert not user.may_send_as("x@other.example") and not user.may_send_as("")
+
+
+def test_network_policy_ipv6_and_mapped() -> None:
+    policy = RelayPolicy([NetworkRule.parse("2001:db8::/32"), NetworkRule.parse("10.0.0.0/8")])
+    assert policy.network_for("2001:db8::1") is not None
+    assert policy.network_for("::ffff:10.1.2.3") is not None
+    assert policy.network_for("192.0.2.1") is None
+    assert (
+        policy.check_recipient(None, "t@x.example")
+        == "554 5.7.1 <t@x.example>: Relay access denied"
+    )
+
+
+async def test_nothing_runs_after_421(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,))
+
+    def run() -> bytes:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"HELO a.example\r\n")
+            f.readline()
+            burst = b"RCPT TO:<x@y.example>\r\n" * 20
+            burst += b"MAIL FROM:<a@corp.example>\r\nRCPT TO:<t@foreign.example>\r\nDATA\r\n"
+            burst += b"Subject: late\r\n\r\nlate\r\n.\r\n"
+            sock.sendall(burst)
+            return _recv_all(sock)
+
+    replies = (await asyncio.to_thread(run)).splitlines()
+    assert replies[-1].startswith(b"421 ") and len(replies) == 21
+    assert await relay.queue.list() == []
