@@ -1,0 +1,180 @@
+"""The delivery loop (Postfix's ``qmgr``): claim due messages, route, pace, hand to workers.
+
+:class:`Scheduler` claims due messages from the queue under a lease, maps each to a sending
+account (the account chosen at intake, else the ``router``), and runs a bounded number of
+deliveries at once through the shared :class:`~smtp365.relay.worker.Worker`, which waits for
+the mailbox's budget before every submission: the relay never sends when the budget says no.
+
+``stop(grace)``: no new claims; deliveries still waiting for a budget give up at once and
+defer (their lease is released cleanly); deliveries already talking to the upstream finish
+within ``grace`` seconds. Anything still running after that is cancelled and keeps its lease,
+so the queue hands it out again when the lease runs out: delivery is at-least-once, nothing
+is half-settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+
+from smtp365.relay.queue import Queue, QueuedMessage
+from smtp365.relay.worker import Clock, Result, Worker
+
+__all__ = ["Router", "Scheduler", "make_router"]
+
+log = logging.getLogger("smtp365.relay.scheduler")
+
+Router = Callable[[QueuedMessage], str | None]
+"""Maps a message to the name of its sending account; ``None``: no account fits."""
+
+
+def make_router(
+    *,
+    default: str | None = None,
+    by_sender: Mapping[str, str] | None = None,
+    by_client: Mapping[str, str] | None = None,
+) -> Router:
+    """Route by envelope sender (address or ``@domain``), then by client identity, then
+    ``default``. Keys are matched case-insensitively."""
+    senders = {k.lower(): v for k, v in (by_sender or {}).items()}
+    clients = {k.lower(): v for k, v in (by_client or {}).items()}
+
+    def route(msg: QueuedMessage) -> str | None:
+        sender = msg.sender.lower()
+        if sender in senders:
+            return senders[sender]
+        domain = "@" + sender.rpartition("@")[2] if "@" in sender else None
+        if domain is not None and domain in senders:
+            return senders[domain]
+        if msg.client.lower() in clients:
+            return clients[msg.client.lower()]
+        return default
+
+    return route
+
+
+class Scheduler:
+    """Runs deliveries until :meth:`stop`."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        worker: Worker,
+        router: Router,
+        *,
+        max_inflight: int = 16,
+        lease_seconds: float = 300.0,
+        poll_interval: float = 1.0,
+        clock: Clock | None = None,
+    ) -> None:
+        if worker.policy.max_budget_wait >= lease_seconds:
+            raise ValueError("max_budget_wait must be shorter than the lease")
+        self.queue = queue
+        self.worker = worker
+        self.router = router
+        self.max_inflight = max_inflight
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.clock: Clock = clock or worker.clock
+        self.results: dict[Result, int] = dict.fromkeys(Result, 0)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._runner: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> asyncio.Task[None]:
+        if self._runner is None:
+            self._runner = asyncio.create_task(self.run(), name="smtp365-relay-scheduler")
+        return self._runner
+
+    def wake(self) -> None:
+        """New mail is due (intake calls this after an enqueue): claim without waiting."""
+        self._wake.set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop claiming, let sending deliveries finish within ``grace``, close connections."""
+        self._stopping = True
+        self._wake.set()
+        self.worker.stop_waiting()
+        if self._runner is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("%d deliveries cancelled after the grace period", len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self.worker.close()
+
+    # -- the loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        while not self._stopping:
+            free = self.max_inflight - len(self._tasks)
+            if free <= 0:
+                await self._idle(self.poll_interval)  # a finished delivery sets _wake
+                continue
+            self._wake.clear()
+            try:
+                claimed = await self.queue.claim(free, self.lease_seconds)
+            except Exception:
+                log.exception("claiming from the queue failed")
+                claimed = []
+            for msg in claimed:
+                task = asyncio.create_task(self._handle(msg), name=f"deliver-{msg.id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
+            if not claimed:
+                await self._idle(self.poll_interval)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._wake.set()
+
+    async def _idle(self, timeout: float) -> None:
+        waiters: set[asyncio.Future[object]] = {
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self.clock.sleep(timeout)),
+        }
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def _handle(self, msg: QueuedMessage) -> None:
+        account = msg.account or self.router(msg)
+        try:
+            if account is None or account not in self.worker.accounts:
+                reason = f"no sending account for sender <{msg.sender}>"
+                if account is not None:
+                    reason = f"unknown sending account {account!r}"
+                log.error("%s: %s", msg.id, reason)
+                until = self.worker.backoff.next_attempt(
+                    msg.attempts, now=self.clock.time(), received_at=msg.received_at
+                )
+                if until is None:
+                    await self.queue.fail(msg.id, reason=reason)
+                    self.results[Result.FAILED] += 1
+                else:
+                    await self.queue.defer(msg.id, until=until, reason=reason)
+                    self.results[Result.DEFERRED] += 1
+                return
+            result = await self.worker.deliver(msg, account)
+            self.results[result] += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A queue error: leave the message leased; the lease expiry hands it out again.
+            log.exception("delivery of %s failed unexpectedly", msg.id)

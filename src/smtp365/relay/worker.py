@@ -1,0 +1,434 @@
+"""Delivery of one claimed message to Exchange Online (Postfix's ``smtp`` process).
+
+A :class:`Worker` keeps a pool of reusable :class:`~smtp365.transport.smtp.SmtpTransport`
+connections per sending account, takes a budget from the :class:`RateLimiter` before every
+submission (never sending when it says no), splits recipients above the per-message limit
+into several submissions, and settles the queue entry from the outcome:
+
+=================================  ==========================================================
+outcome                            queue
+=================================  ==========================================================
+accepted                           ``complete`` with the upstream reply
+``Action.RETRY``, network, token   ``defer`` with exponential backoff and full jitter
+``Action.FEWER_CONNECTIONS``       that connection closed, mailbox allowance lowered, short defer
+``Action.PAUSE_MAILBOX``           mailbox paused until its window frees, ``defer`` to then
+``Action.PAUSE_LONG``              mailbox paused ``pause_long``, alert logged, ``defer``
+``Action.FIX`` (permanent)         ``fail`` with the reason, ``on_failed`` hook (DSN)
+older than the maximum lifetime    ``fail`` (expired), ``on_failed`` hook
+=================================  ==========================================================
+
+Recipients already accepted upstream are remembered (in memory) for the message's next
+attempt, so a retry after a partial delivery does not send to them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from smtp365 import replies
+from smtp365.config import AccountSettings
+from smtp365.errors import MessageError, Smtp365Error, SubmissionRejected
+from smtp365.models import Envelope, Reply, Submission
+from smtp365.relay.backoff import Backoff
+from smtp365.relay.queue import Queue, QueuedMessage
+from smtp365.relay.ratelimit import Grant, RateLimiter
+from smtp365.replies import Action
+from smtp365.transport.smtp import SmtpTransport
+
+__all__ = [
+    "Clock",
+    "ConnectionPool",
+    "DeliveryPolicy",
+    "FailedHook",
+    "Result",
+    "SystemClock",
+    "Worker",
+]
+
+log = logging.getLogger("smtp365.relay.worker")
+
+
+class Clock(Protocol):
+    """Time seam: wall time for the queue, monotonic time for budgets, and sleeping."""
+
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+FailedHook = Callable[[QueuedMessage, str, tuple[str, ...]], Awaitable[None]]
+"""``on_failed(message, reason, failed_recipients)``: a permanent failure, for the DSN."""
+
+TransportFactory = Callable[[AccountSettings], SmtpTransport]
+
+
+class Result(StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    max_recipients_per_message: int = 500
+    fewer_connections_retry: float = 30.0  # defer after a 432 4.3.2
+    quota_pause: float = 3600.0  # pause after 554 5.2.0 when we counted no send in the window
+    quota_pause_min: float = 60.0  # never pause shorter than this after 554 5.2.0
+    pause_long: float = 3600.0  # pause after 5.2.251-5.2.255
+    max_budget_wait: float = 120.0  # wait in-process for a budget at most this, else defer
+
+
+class ConnectionPool:
+    """Idle connections of one account, reused across messages (RSET between them)."""
+
+    def __init__(self, account: AccountSettings, factory: TransportFactory) -> None:
+        self.account = account
+        self._factory = factory
+        self._idle: list[SmtpTransport] = []
+        self._busy: set[SmtpTransport] = set()
+        self._retired_opened = 0  # connections opened by transports since dropped
+
+    @property
+    def connections_opened(self) -> int:
+        """TCP+TLS+AUTH sessions opened so far (reuse keeps this low)."""
+        live = sum(t.connections_opened for t in (*self._idle, *self._busy))
+        return self._retired_opened + live
+
+    def get(self) -> SmtpTransport:
+        """An idle connection (most recently used first) or a new, not yet connected one."""
+        transport = self._idle.pop() if self._idle else self._factory(self.account)
+        self._busy.add(transport)
+        return transport
+
+    async def put(self, transport: SmtpTransport, *, keep: bool, limit: int) -> None:
+        """Back to the pool, or closed when ``keep`` is false, it is broken, or more than
+        ``limit`` connections would stay open."""
+        self._busy.discard(transport)
+        if keep and transport.connected and len(self._idle) + len(self._busy) < limit:
+            self._idle.append(transport)
+        else:
+            self._retired_opened += transport.connections_opened
+            await transport.close()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for transport in idle:
+            self._retired_opened += transport.connections_opened
+            await transport.close()
+
+
+def _chunks(items: Sequence[str], size: int) -> list[tuple[str, ...]]:
+    return [tuple(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _reply_text(reply: Reply) -> str:
+    return f"{reply.code} {reply.enhanced} {reply.text}".replace("  ", " ").strip()
+
+
+class _Outcome(Exception):
+    """Internal: ends a delivery with a decided result."""
+
+    def __init__(self, result: Result) -> None:
+        self.result = result
+
+
+class Worker:
+    """Delivers claimed messages; shared by all scheduler tasks (one pool per account)."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        accounts: Mapping[str, AccountSettings],
+        *,
+        limiter: RateLimiter | None = None,
+        backoff: Backoff | None = None,
+        clock: Clock | None = None,
+        policy: DeliveryPolicy | None = None,
+        on_failed: FailedHook | None = None,
+        transport_factory: TransportFactory | None = None,
+    ) -> None:
+        self.queue = queue
+        self.accounts = dict(accounts)
+        self.clock: Clock = clock or SystemClock()
+        self.limiter = limiter or RateLimiter(clock=self.clock.monotonic)
+        self.backoff = backoff or Backoff()
+        self.policy = policy or DeliveryPolicy()
+        self.on_failed = on_failed
+        self._factory: TransportFactory = transport_factory or SmtpTransport
+        self._pools: dict[str, ConnectionPool] = {}
+        self._done: dict[str, set[str]] = {}  # queue id -> recipients already accepted
+        self._changed = asyncio.Event()
+        self._stopping = False
+
+    # -- plumbing -------------------------------------------------------------
+
+    @staticmethod
+    def mailbox_of(account: AccountSettings) -> str:
+        return (account.username or account.name).lower()
+
+    def pool(self, account_name: str) -> ConnectionPool:
+        pool = self._pools.get(account_name)
+        if pool is None:
+            pool = self._pools[account_name] = ConnectionPool(
+                self.accounts[account_name], self._factory
+            )
+        return pool
+
+    def connections_opened(self, account_name: str) -> int:
+        pool = self._pools.get(account_name)
+        return pool.connections_opened if pool else 0
+
+    def stop_waiting(self) -> None:
+        """Deliveries still waiting for a budget give up (and defer); sending ones finish."""
+        self._stopping = True
+        self._notify()
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _wall(self, mono: float) -> float:
+        """A monotonic instant as wall time (the queue's clock)."""
+        return self.clock.time() + max(0.0, mono - self.clock.monotonic())
+
+    async def _wait(self, timeout: float) -> None:
+        changed = asyncio.ensure_future(self._changed.wait())
+        sleeper = asyncio.ensure_future(self.clock.sleep(max(0.0, timeout)))
+        try:
+            await asyncio.wait({changed, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (changed, sleeper):
+                task.cancel()
+            await asyncio.gather(changed, sleeper, return_exceptions=True)
+
+    def budget_ready_at(self, account_name: str, recipients: int = 1) -> float:
+        """Monotonic time the account's mailbox may send next (pause and windows)."""
+        mailbox = self.mailbox_of(self.accounts[account_name])
+        return self.limiter.earliest(mailbox, recipients)
+
+    async def acquire(self, mailbox: str, recipients: int) -> Grant | None:
+        """A budget for one submission, waiting at most ``max_budget_wait``; ``None``: defer."""
+        deadline = self.clock.monotonic() + self.policy.max_budget_wait
+        while not self._stopping:
+            grant = self.limiter.try_acquire(mailbox, recipients)
+            if grant is not None:
+                return grant
+            now = self.clock.monotonic()
+            ready = self.limiter.earliest(mailbox, recipients)
+            if ready > deadline and not math.isinf(ready):
+                return None
+            if now >= deadline:
+                return None
+            # A slot or a pending send frees on release (_notify); time frees the windows.
+            blocked_by_time = now + 0.001 < ready < math.inf
+            wait = ready - now if blocked_by_time else deadline - now
+            await self._wait(min(wait, deadline - now))
+        return None
+
+    def _release(self, grant: Grant, *, counted: bool) -> None:
+        self.limiter.release(grant, counted=counted)
+        self._notify()
+
+    # -- delivery -------------------------------------------------------------
+
+    async def deliver(self, msg: QueuedMessage, account_name: str) -> Result:
+        """Deliver one claimed message and settle it in the queue; never raises for
+        delivery problems (only for queue errors and cancellation)."""
+        try:
+            return await self._deliver(msg, account_name)
+        except _Outcome as outcome:
+            return outcome.result
+
+    async def _deliver(self, msg: QueuedMessage, account_name: str) -> Result:
+        account = self.accounts[account_name]
+        mailbox = self.mailbox_of(account)
+        if self.backoff.expired(msg.received_at, self.clock.time()):
+            await self._fail(msg, f"expired in the queue: {msg.last_reason or 'no reason'}")
+            return Result.FAILED
+        done = self._done.setdefault(msg.id, set())
+        remaining = [r for r in msg.recipients if r not in done]
+        content = await self.queue.read(msg.id)
+        limits = self.limiter.limits(mailbox)
+        size = max(1, min(self.policy.max_recipients_per_message, limits.recipients_per_window))
+        replies_seen: list[str] = []
+        refused: dict[str, Reply] = {}
+        pool = self.pool(account_name)
+        for chunk in _chunks(remaining, size):
+            grant = await self.acquire(mailbox, len(chunk))
+            if grant is None:
+                await self._defer_for_budget(msg, mailbox, len(chunk))
+                return Result.DEFERRED
+            transport = pool.get()
+            keep, counted = True, True
+            try:
+                outcome = await transport.submit(
+                    Submission(
+                        envelope=Envelope(sender=msg.sender, recipients=chunk),
+                        content=content,
+                        message_id=msg.message_id,
+                    )
+                )
+            except SubmissionRejected as exc:
+                # Rejected before MAIL FROM: nothing the server counts as a send.
+                counted = exc.stage not in ("connect", "ehlo", "auth")
+                action = self._action(exc)
+                keep = action is not Action.FEWER_CONNECTIONS
+                return await self._rejected(msg, mailbox, exc, action, grant)
+            except MessageError as exc:
+                await self._fail(msg, str(exc.what))
+                return Result.FAILED
+            except Smtp365Error as exc:  # network, TLS, token, config: not the message's fault
+                counted = False
+                keep = False
+                await self._defer(msg, f"{type(exc).__name__}: {exc.what}")
+                return Result.DEFERRED
+            finally:
+                self._release(grant, counted=counted)
+                await pool.put(transport, keep=keep, limit=self.limiter.concurrency(mailbox))
+            done.update(outcome.accepted)
+            refused.update(outcome.refused)
+            replies_seen.append(_reply_text(outcome.reply))
+        return await self._finish(msg, replies_seen, refused)
+
+    async def _finish(
+        self, msg: QueuedMessage, replies_seen: list[str], refused: dict[str, Reply]
+    ) -> Result:
+        temporary = {r: rep for r, rep in refused.items() if _temporary(rep)}
+        permanent = {r: rep for r, rep in refused.items() if r not in temporary}
+        if temporary:
+            first = next(iter(temporary.values()))
+            await self._defer(msg, f"recipients deferred: {_reply_text(first)}")
+            return Result.DEFERRED
+        done = self._done.pop(msg.id, set())
+        if permanent and not done:
+            first = next(iter(permanent.values()))
+            await self._fail(msg, f"all recipients refused: {_reply_text(first)}")
+            return Result.FAILED
+        reply = replies_seen[-1] if replies_seen else "250 nothing left to send"
+        if permanent:
+            reason = "; ".join(f"<{r}>: {_reply_text(rep)}" for r, rep in permanent.items())
+            reply = f"{reply} (refused: {reason})"
+        await self.queue.complete(msg.id, reply=reply)
+        log.info("delivered %s to %d recipient(s): %s", msg.id, len(done), reply)
+        if permanent and self.on_failed is not None:
+            await self.on_failed(msg, "recipient refused", tuple(permanent))
+        return Result.DELIVERED
+
+    @staticmethod
+    def _action(exc: SubmissionRejected) -> Action:
+        if exc.entry is not None:
+            return exc.entry.action
+        return Action.RETRY if exc.temporary else Action.FIX
+
+    async def _rejected(
+        self,
+        msg: QueuedMessage,
+        mailbox: str,
+        exc: SubmissionRejected,
+        action: Action,
+        grant: Grant,
+    ) -> Result:
+        reply = f"{exc.code} {exc.enhanced} {exc.text}".replace("  ", " ").strip()
+        now = self.clock.monotonic()
+        if action is Action.FIX or not exc.temporary:
+            await self._fail(msg, f"{exc.stage} rejected: {reply}")
+            return Result.FAILED
+        if action is Action.FEWER_CONNECTIONS:
+            allowed = self.limiter.fewer_connections(mailbox)
+            log.warning("%s: 432 from upstream, now %d connection(s): %s", mailbox, allowed, reply)
+            await self._defer(msg, reply, delay=self.policy.fewer_connections_retry)
+        elif action is Action.PAUSE_MAILBOX:
+            # Settle our share first so the window's own answer includes this send.
+            self.limiter.settle(grant)
+            # Until the window frees: by our own count if it explains the refusal, else (the
+            # mailbox also sends from elsewhere) when our oldest counted send leaves it.
+            window = self.limiter.state(mailbox).recipients
+            frees = window.earliest(now, grant.recipients)
+            if not now + 1.0 < frees < math.inf:
+                oldest = window.frees_at(now)
+                frees = oldest if oldest is not None else now + self.policy.quota_pause
+            until = max(now + self.policy.quota_pause_min, frees)
+            self.limiter.pause(mailbox, until, reply)
+            log.warning("%s: quota reached, paused for %.0f s: %s", mailbox, until - now, reply)
+            await self._defer(msg, reply, delay=until - now)
+        elif action is Action.PAUSE_LONG:
+            until = now + self.policy.pause_long
+            self.limiter.pause(mailbox, until, reply)
+            log.error(
+                "ALERT %s is blocked by Exchange Online; paused for %.0f s: %s",
+                mailbox,
+                self.policy.pause_long,
+                reply,
+            )
+            await self._defer(msg, reply, delay=self.policy.pause_long)
+        else:
+            await self._defer(msg, reply)
+        return Result.DEFERRED
+
+    async def _defer_for_budget(self, msg: QueuedMessage, mailbox: str, recipients: int) -> None:
+        ready = self.limiter.earliest(mailbox, recipients)
+        now = self.clock.monotonic()
+        delay = (ready - now) if ready < math.inf else 1.0
+        reason = "mailbox budget exhausted"
+        paused = self.limiter.paused_until(mailbox)
+        if paused is not None:
+            reason = f"mailbox paused: {self.limiter.state(mailbox).pause_reason}"
+        if self._stopping:
+            reason = "relay stopping"
+        # Budget waits are not failed attempts: they never expire a message on their own.
+        until = self.clock.time() + max(0.0, delay)
+        await self.queue.defer(msg.id, until=until, reason=reason)
+        log.info("deferred %s until budget frees (%.1f s): %s", msg.id, delay, reason)
+
+    async def _defer(self, msg: QueuedMessage, reason: str, *, delay: float | None = None) -> None:
+        now = self.clock.time()
+        until = self.backoff.next_attempt(
+            msg.attempts, now=now, received_at=msg.received_at, delay=delay
+        )
+        if until is None:
+            await self._fail(msg, f"expired in the queue; last error: {reason}")
+            raise _Outcome(Result.FAILED)
+        await self.queue.defer(msg.id, until=until, reason=reason)
+        log.info("deferred %s for %.1f s: %s", msg.id, until - now, reason)
+
+    async def _fail(self, msg: QueuedMessage, reason: str) -> None:
+        done = self._done.pop(msg.id, set())
+        failed = tuple(r for r in msg.recipients if r not in done)
+        await self.queue.fail(msg.id, reason=reason)
+        log.warning("failed %s: %s", msg.id, reason)
+        if self.on_failed is not None:
+            try:
+                await self.on_failed(msg, reason, failed)
+            except Exception:
+                log.exception("on_failed hook raised for %s", msg.id)
+
+
+def _temporary(reply: Reply) -> bool:
+    entry = replies.lookup(reply)
+    if entry is not None:
+        return entry.temporary
+    return 400 <= reply.code < 500

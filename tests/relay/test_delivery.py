@@ -1,0 +1,305 @@
+"""Scheduler + worker + SQLite queue against the in-process sandbox (STARTTLS + XOAUTH2)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtp365.config import Account, AccountSettings
+from smtp365.config.model import resolve
+from smtp365.models import Envelope
+from smtp365.relay.backoff import Backoff
+from smtp365.relay.queue import Event, QueuedMessage, State
+from smtp365.relay.queue.sqlite import SqliteQueue
+from smtp365.relay.ratelimit import Limits, RateLimiter
+from smtp365.relay.scheduler import Scheduler, make_router
+from smtp365.relay.worker import DeliveryPolicy, Worker
+from smtp365.sandbox import Sandbox, SandboxSettings
+from smtp365.sandbox.settings import LimitSettings
+
+ALICE = "alice@contoso.test"
+BOB = "bob@contoso.test"
+
+
+def account_for(sb: Sandbox, mailbox: str = ALICE) -> AccountSettings:
+    fields: dict[str, Any] = {
+        "profile": "custom",
+        "host": "localhost",
+        "port": sb.smtp_port,
+        "ca_file": sb.ca_file,
+        "username": mailbox,
+        "auth": "xoauth2",
+        "timeout": 10,
+        "token": sb.issue_token(mailbox),
+    }
+    return resolve("alice", Account.model_validate(fields), "(test)")
+
+
+def message(n: int, sender: str = ALICE) -> tuple[str, bytes]:
+    mid = f"<relay-{n}-{random.getrandbits(32):08x}@relay.test>"
+    body = (
+        f"From: {sender}\r\nTo: someone@example.net\r\nSubject: n{n}\r\n"
+        f"Message-ID: {mid}\r\n\r\nhello {n}\r\n"
+    ).encode()
+    return mid, body
+
+
+@dataclass
+class Relay:
+    sb: Sandbox
+    queue: SqliteQueue
+    worker: Worker
+    scheduler: Scheduler
+    failed: list[tuple[QueuedMessage, str, tuple[str, ...]]] = field(default_factory=list)
+
+    async def send(
+        self, n: int, *, sender: str = ALICE, rcpts: tuple[str, ...] = ("x@example.net",)
+    ) -> tuple[str, str]:
+        mid, body = message(n, sender)
+        qid = await self.queue.enqueue(Envelope(sender, rcpts), body, message_id=mid)
+        self.scheduler.wake()
+        return qid, mid
+
+    async def until(self, check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not await check():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.02)
+
+    async def settled(self, timeout: float = 10.0) -> None:
+        async def done() -> bool:
+            return (await self.queue.stats()).pending == 0
+
+        await self.until(done, timeout)
+
+    def arrived(self) -> set[str]:
+        return {m.message_id for m in self.sb.store.list()}
+
+
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
+@pytest.fixture
+async def make_relay(tmp_path: Path) -> AsyncIterator[RelayFactory]:
+    made: list[Relay] = []
+    sandboxes: list[Sandbox] = []
+
+    async def make(
+        settings: SandboxSettings | None = None,
+        *,
+        limits: Limits | None = None,
+        policy: DeliveryPolicy | None = None,
+        max_inflight: int = 8,
+    ) -> Relay:
+        sb = Sandbox(tmp_path / "sbx", settings)
+        await sb.start()
+        sandboxes.append(sb)
+        queue = await SqliteQueue.open(tmp_path / "queue")
+        failed: list[tuple[QueuedMessage, str, tuple[str, ...]]] = []
+
+        async def on_failed(msg: QueuedMessage, reason: str, rcpts: tuple[str, ...]) -> None:
+            failed.append((msg, reason, rcpts))
+
+        worker = Worker(
+            queue,
+            {"alice": account_for(sb)},
+            limiter=RateLimiter(limits or Limits()),
+            backoff=Backoff(base=0.2, cap=0.4, floor=0.1, rng=random.Random(1)),
+            policy=policy or DeliveryPolicy(max_budget_wait=10.0),
+            on_failed=on_failed,
+        )
+        scheduler = Scheduler(
+            queue,
+            worker,
+            make_router(default="alice"),
+            max_inflight=max_inflight,
+            lease_seconds=30.0,
+            poll_interval=0.05,
+        )
+        scheduler.start()
+        relay = Relay(sb, queue, worker, scheduler, failed)
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        await relay.scheduler.stop(grace=5)
+        await relay.queue.close()
+    for sb in sandboxes:
+        await sb.stop()
+
+
+async def test_all_arrive_over_one_reused_connection(make_relay: RelayFactory) -> None:
+    relay = await make_relay(limits=Limits(max_connections=1))
+    mids = [(await relay.send(i))[1] for i in range(12)]
+    await relay.settled()
+    assert set(mids) <= relay.arrived()
+    assert (await relay.queue.stats())[State.DELIVERED] == 12
+    assert relay.sb.stats.connections == 1
+    assert relay.worker.connections_opened("alice") == 1
+    assert relay.sb.stats.throttle_replies == 0
+    [entry] = await relay.queue.list(State.DELIVERED, limit=1)
+    assert entry.last_reason.startswith("250 2.0.0")
+
+
+async def test_concurrent_deliveries_stay_within_three_connections(
+    make_relay: RelayFactory,
+) -> None:
+    relay = await make_relay()
+    mids = [(await relay.send(i))[1] for i in range(20)]
+    await relay.settled()
+    assert set(mids) <= relay.arrived()
+    assert relay.sb.stats.connections <= 3
+    assert relay.sb.stats.concurrency_limited == 0
+
+
+async def test_budget_is_used_without_a_single_throttle_reply(make_relay: RelayFactory) -> None:
+    limit, window, n = 5, 2.0, 15
+    relay = await make_relay(
+        SandboxSettings(
+            limits=LimitSettings(messages_per_minute=limit, rate_window_seconds=window)
+        ),
+        limits=Limits(messages_per_window=limit, message_window=window),
+    )
+    for i in range(n):
+        await relay.send(i)
+    await relay.settled(timeout=15)
+    assert relay.sb.stats.throttle_replies == 0
+    assert len(relay.arrived()) == n
+    done = sorted(m.finished_at or 0.0 for m in await relay.queue.list(State.DELIVERED))
+    # After the first burst of `limit`, the rest arrives at the budget's rate.
+    rate = (n - limit) / (done[-1] - done[limit - 1])
+    ratio = rate / (limit / window)
+    print(f"throughput {rate:.2f} msg/s = {ratio:.1%} of the budget")
+    assert ratio >= 0.9
+
+
+async def test_451_is_deferred_then_delivered(make_relay: RelayFactory) -> None:
+    relay = await make_relay()
+    relay.sb.faults.set("data", reply="451 4.3.0 Temporary server error", times=1)
+    qid, mid = await relay.send(1)
+    await relay.settled()
+    events = [e.event for e in await relay.queue.history(qid)]
+    assert events == [Event.DEFERRED, Event.DELIVERED]
+    assert mid in relay.arrived()
+    assert (await relay.queue.get(qid)).attempts == 2  # type: ignore[union-attr]
+
+
+async def test_permanent_send_as_denied_fails_with_reason(make_relay: RelayFactory) -> None:
+    relay = await make_relay()
+    qid, _ = await relay.send(1, sender=BOB)
+    await relay.settled()
+    msg = await relay.queue.get(qid)
+    assert msg is not None and msg.state is State.FAILED
+    assert "5.2.252" in msg.last_reason and "SendAsDenied" in msg.last_reason
+    [(failed, reason, rcpts)] = relay.failed
+    assert failed.id == qid and "SendAsDenied" in reason and rcpts == ("x@example.net",)
+
+
+async def test_quota_pauses_the_mailbox_and_defers(make_relay: RelayFactory) -> None:
+    relay = await make_relay(SandboxSettings(limits=LimitSettings(recipients_per_day=3)))
+    two = ("a@example.net", "b@example.net")
+    first, _ = await relay.send(1, rcpts=two)
+    await relay.settled()
+    second, _ = await relay.send(2, rcpts=two)
+
+    async def deferred() -> bool:
+        msg = await relay.queue.get(second)
+        return msg is not None and msg.state is State.DEFERRED
+
+    await relay.until(deferred)
+    msg = await relay.queue.get(second)
+    assert msg is not None and "SubmissionQuotaExceeded" in msg.last_reason
+    assert msg.next_attempt_at > time.time() + 3600  # until the 24-hour window frees
+    assert relay.worker.limiter.paused_until(ALICE) is not None
+    assert relay.sb.stats.quota_exceeded == 1 and not relay.failed
+    # While paused, nothing else is sent to the upstream.
+    third, _ = await relay.send(3)
+    await relay.until(lambda: _state_is(relay, third, State.DEFERRED))
+    assert relay.sb.stats.quota_exceeded == 1
+
+
+async def _state_is(relay: Relay, qid: str, state: State) -> bool:
+    msg = await relay.queue.get(qid)
+    return msg is not None and msg.state is state
+
+
+async def test_upstream_down_defers_then_delivers(make_relay: RelayFactory) -> None:
+    relay = await make_relay()
+    port = relay.sb.smtp_port
+    await relay.sb.stop()
+    ids = [await relay.send(i) for i in range(3)]
+
+    async def all_deferred() -> bool:
+        return (await relay.queue.stats())[State.DEFERRED] == 3
+
+    await relay.until(all_deferred)
+    assert all("ConnectError" in m.last_reason for m in await relay.queue.list(State.DEFERRED))
+    relay.sb.settings.smtp_port = port
+    await relay.sb.start()
+    await relay.settled()
+    assert {mid for _, mid in ids} <= relay.arrived()
+
+
+async def test_recipients_above_the_limit_are_split(make_relay: RelayFactory) -> None:
+    relay = await make_relay(
+        policy=DeliveryPolicy(max_recipients_per_message=2, max_budget_wait=10.0)
+    )
+    rcpts = tuple(f"r{i}@example.net" for i in range(5))
+    _, mid = await relay.send(1, rcpts=rcpts)
+    await relay.settled()
+    copies = [m for m in relay.sb.store.list() if m.message_id == mid]
+    assert sorted(len(m.rcpt_tos) for m in copies) == [1, 2, 2]
+    assert sorted(r for m in copies for r in m.rcpt_tos) == sorted(rcpts)
+
+
+async def test_stop_finishes_in_flight_and_defers_waiting(make_relay: RelayFactory) -> None:
+    relay = await make_relay(limits=Limits(messages_per_window=2, message_window=60.0))
+    for i in range(5):
+        await relay.send(i)
+
+    async def two_delivered() -> bool:
+        return (await relay.queue.stats())[State.DELIVERED] == 2
+
+    await relay.until(two_delivered)
+    await relay.scheduler.stop(grace=5)
+    stats = await relay.queue.stats()
+    assert stats[State.DELIVERED] == 2 and stats[State.ACTIVE] == 0
+    assert stats[State.DEFERRED] + stats[State.QUEUED] == 3
+
+
+async def test_432_lowers_concurrency_and_still_delivers(make_relay: RelayFactory) -> None:
+    # The relay believes in 3 connections, the upstream allows 1: it must adapt.
+    relay = await make_relay(
+        SandboxSettings(limits=LimitSettings(max_connections=1)),
+        policy=DeliveryPolicy(fewer_connections_retry=0.1, max_budget_wait=10.0),
+    )
+    mids = [(await relay.send(i))[1] for i in range(6)]
+    await relay.settled()
+    assert set(mids) <= relay.arrived()
+    assert relay.sb.stats.concurrency_limited >= 1
+    assert relay.worker.limiter.concurrency(ALICE) < 3
+    assert not relay.failed
+
+
+async def test_sender_blocked_pauses_long_and_alerts(
+    make_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = await make_relay(policy=DeliveryPolicy(pause_long=7200, max_budget_wait=10.0))
+    relay.sb.faults.set(
+        "data", reply="550 5.2.254 Sender throttled due to too many recipients", times=1
+    )
+    qid, _ = await relay.send(1)
+    await relay.until(lambda: _state_is(relay, qid, State.DEFERRED))
+    msg = await relay.queue.get(qid)
+    assert msg is not None and msg.next_attempt_at > time.time() + 7000
+    assert relay.worker.limiter.paused_until(ALICE) is not None
+    assert any("ALERT" in r.message for r in caplog.records)
+    assert not relay.failed
