@@ -13,13 +13,15 @@ from pathlib import Path
 from tests.e2e.conftest import BIN, Run
 
 
-async def test_demo_sends_through_starttls_and_xoauth2(run_cli: Run, tmp_path: Path) -> None:
+async def test_demo_sends_through_the_relay_to_the_sandbox(run_cli: Run, tmp_path: Path) -> None:
     res = await run_cli("demo", "--state-dir", str(tmp_path / "demo"))
     assert res.code == 0, res.stderr
-    assert "250 2.0.0 OK" in res.stdout
-    assert "XOAUTH2" in res.stdout and "TLSv1.3" in res.stdout
-    assert "MSAL client-credentials token" in res.stdout and "claims check OK" in res.stdout
-    assert "| Subject: Hello from smtp365" in res.stdout
+    out = res.stdout
+    assert "intake: accepted" in out and "worker: delivered" in out
+    assert ": delivered after 1 attempt(s); upstream said: 250 2.0.0 OK" in out
+    assert "mechanism    XOAUTH2" in out and "TLSv1.3" in out
+    assert "| Subject: Scan from the 3rd floor printer" in out
+    assert "| Reply-To: Scanner <scanner@printer.local>" in out
 
 
 async def test_sandbox_lifecycle_env_send_messages(run_cli: Run, tmp_path: Path) -> None:

@@ -8,7 +8,15 @@ from pathlib import Path
 import typer
 
 from smtp365 import __version__
-from smtp365.cli import auth_cmd, config_cmd, doctor_cmd, exitcodes, sandbox_cmd
+from smtp365.cli import (
+    auth_cmd,
+    config_cmd,
+    doctor_cmd,
+    exitcodes,
+    queue_cmd,
+    relay_cmd,
+    sandbox_cmd,
+)
 from smtp365.cli.send import send, sendmail, sendmail_main
 
 app = typer.Typer(
@@ -28,6 +36,8 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(auth_cmd.app, name="auth")
 app.add_typer(doctor_cmd.app, name="doctor")
 app.add_typer(sandbox_cmd.app, name="sandbox")
+app.add_typer(relay_cmd.app, name="relay")
+app.add_typer(queue_cmd.app, name="queue")
 app.command("demo")(sandbox_cmd.demo)
 
 

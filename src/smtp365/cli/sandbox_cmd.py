@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import shlex
+import smtplib
+import sys
+from email.message import EmailMessage
+from email.utils import make_msgid
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from smtp365 import sandbox
-from smtp365.auth.msal_provider import MsalTokenProvider, describe
 from smtp365.cli.output import die, fail, out, print_json
-from smtp365.client import Mailer
-from smtp365.config import Account, AccountSettings
-from smtp365.config.model import resolve
+from smtp365.config import Settings
 from smtp365.errors import Smtp365Error
+from smtp365.relay import logs
+from smtp365.relay.queue import State
+from smtp365.relay.service import RelayService
 
 app = typer.Typer(
     help="A local Exchange Online look-alike: SMTP submission, tokens, captured mail.",
@@ -162,79 +167,113 @@ def demo(
     state_dir: StateDir = Path(".state/demo"),
     to: Annotated[str, typer.Option(help="recipient")] = "someone@example.net",
 ) -> None:
-    """Start the sandbox, send a message through STARTTLS + XOAUTH2, show what arrived."""
+    """Start the sandbox and the relay in front of it, send a message through the relay like a
+    legacy device would (plain SMTP, no auth), show where it went."""
+    logs.setup("text", stream=sys.stdout)
     try:
         asyncio.run(_demo(state_dir, to))
     except Smtp365Error as exc:
         fail(exc)
 
 
-def _app_account(sb: sandbox.Sandbox, mailbox: str, state_dir: Path) -> AccountSettings:
+def _app_account(sb: sandbox.Sandbox, mailbox: str, state_dir: Path) -> dict[str, Any]:
     """An account that signs in as the sandbox's confidential app through MSAL."""
     app = next(a for a in sb.info()["apps"] if not a["public_client"])
-    return resolve(
-        "sandbox",
-        Account.model_validate(
-            {
-                "profile": "custom",
-                "host": "localhost",
-                "port": sb.smtp_port,
-                "ca_file": sb.ca_file,
-                "username": mailbox,
-                "auth": "xoauth2",
-                "tenant": sb.settings.tenant_id,
-                "client_id": app["app_id"],
-                "client_secret": app["client_secret"],
-                "authority_host": f"https://localhost:{sb.identity_port}",
-                "token_cache": state_dir / "demo-token-cache.json",
-            }
-        ),
-        "(demo)",
-    )
+    return {
+        "profile": "custom",
+        "host": "localhost",
+        "port": sb.smtp_port,
+        "ca_file": str(sb.ca_file),
+        "username": mailbox,
+        "auth": "xoauth2",
+        "tenant": sb.settings.tenant_id,
+        "client_id": app["app_id"],
+        "client_secret": app["client_secret"],
+        "authority_host": f"https://localhost:{sb.identity_port}",
+        "token_cache": str(state_dir / "demo-token-cache.json"),
+    }
+
+
+def _device_send(port: int, sender: str, to: str) -> str:
+    """What a scanner does: plain SMTP, HELO, no TLS, no AUTH."""
+    msg = EmailMessage()
+    msg["From"] = f"Scanner <{sender}>"
+    msg["To"] = to
+    msg["Subject"] = "Scan from the 3rd floor printer"
+    msg["Message-ID"] = make_msgid(domain="printer.local")
+    msg.set_content("Your scan is attached (in a real device).\n")
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as device:
+        device.helo("printer.local")
+        device.sendmail(sender, [to], msg.as_bytes(policy=email.policy.SMTP))
+    return str(msg["Message-ID"])
 
 
 async def _demo(state_dir: Path, to: str) -> None:
     async with sandbox.Sandbox(state_dir) as sb:
         mailbox = sb.settings.mailboxes[0].address
         out.print(
-            f"[bold]1.[/] sandbox up: SMTP on 127.0.0.1:{sb.smtp_port} (STARTTLS), identity "
-            f"platform {sb.authority}, CA {sb.ca_file}"
+            f"[bold]1.[/] sandbox up (the Exchange Online look-alike): SMTP on "
+            f"127.0.0.1:{sb.smtp_port} (STARTTLS), identity platform {sb.authority}"
         )
-        account = _app_account(sb, mailbox, state_dir)
-        provider = MsalTokenProvider(account)
-        token = await provider.get_token(force_refresh=True)
-        info = describe(token, "smtp", mailbox)
-        out.print(
-            f"[bold]2.[/] MSAL client-credentials token for app {account.client_id}: "
-            f"aud {info['audience']}, roles {', '.join(info['permissions'])}, "
-            f"expires in {info['expires_in']} s, claims check "
-            + ("[green]OK[/]" if info["ok"] else "[red]FAILED[/]")
+        settings = Settings.model_validate(
+            {
+                "default_account": "sandbox",
+                "accounts": {"sandbox": _app_account(sb, mailbox, state_dir)},
+                "relay": {
+                    "state_dir": str(state_dir / "relay"),
+                    "hostname": "relay.demo",
+                    "listeners": [{"host": "127.0.0.1", "port": 0, "mode": "plain"}],
+                    "networks": [{"cidr": "127.0.0.0/8", "name": "lan"}],
+                    "routes": [
+                        {"sender": "*@printer.local", "account": "sandbox", "rewrite_sender": True}
+                    ],
+                },
+            }
         )
-        async with Mailer(account, token_provider=provider) as mailer:
-            outcome = await mailer.send(
-                to=to,
-                subject="Hello from smtp365",
-                text="This message went through STARTTLS (TLS 1.2+) and AUTH XOAUTH2.\n",
+        async with RelayService(settings) as relay:
+            port = relay.listeners[0].port
+            out.print(
+                f"[bold]2.[/] relay up: plain SMTP on 127.0.0.1:{port} for 127.0.0.0/8, sending "
+                f"as {mailbox} (MSAL client credentials, STARTTLS + XOAUTH2)"
             )
-            tls = getattr(mailer.transport, "tls_version", None)
-        out.print(f"[bold]3.[/] sent {outcome.message_id} over {tls}: [green]{outcome.reply}[/]")
-        captured = sb.store.list()
-        out.print(f"[bold]4.[/] the sandbox captured {len(captured)} message(s); the last one:")
+            out.print("[bold]3.[/] a legacy device sends scanner@printer.local -> " + to)
+            message_id = await asyncio.to_thread(_device_send, port, "scanner@printer.local", to)
+            queue = relay.queue
+            assert queue is not None
+            delivered = None
+            for _ in range(1500):  # up to 30 s
+                found = [m for m in await queue.list(State.DELIVERED) if m.message_id == message_id]
+                failed = [m for m in await queue.list(State.FAILED) if m.message_id == message_id]
+                if found or failed:
+                    delivered = (found or failed)[0]
+                    break
+                await asyncio.sleep(0.02)
+            if delivered is None:
+                raise Smtp365Error("the relay did not deliver the demo message within 30 s")
+            out.print(
+                f"[bold]4.[/] queue {delivered.id}: {delivered.state.value} after "
+                f"{delivered.attempts} attempt(s); upstream said: [green]{delivered.last_reason}[/]"
+            )
+        captured = [m for m in sb.store.list() if m.message_id == message_id]
+        if not captured:
+            raise Smtp365Error("the sandbox has no copy of the demo message")
         last = captured[-1].to_dict()
+        out.print("[bold]5.[/] the sandbox captured it:")
         for key in (
-            "id",
             "mailbox",
             "mechanism",
             "mail_from",
             "rcpt_tos",
-            "message_id",
             "subject",
             "tls_version",
-            "size",
             "path",
         ):
             out.print(f"     {key:12} {last[key]}")
-        out.print("[bold]5.[/] the message as stored:")
+        out.print("[bold]6.[/] as stored (From rewritten to the mailbox, the device in Reply-To):")
         for line in captured[-1].read_bytes().decode("utf-8", "replace").splitlines():
             out.print(f"     | {line}", markup=False)
-        out.print(f"see them all: smtp365 sandbox messages --state-dir {state_dir}")
+        out.print(
+            f"see them all: smtp365 sandbox messages --state-dir {state_dir}\n"
+            f"the relay's queue and delivery log: smtp365 queue list --all "
+            f"--state-dir {state_dir / 'relay'}"
+        )

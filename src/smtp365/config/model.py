@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from smtp365.config.relay import RelayConfig
 from smtp365.errors import ConfigError
 
 
@@ -163,6 +164,7 @@ class Settings(BaseModel):
 
     default_account: str = "default"
     accounts: dict[str, Account] = Field(default_factory=dict)
+    relay: RelayConfig = Field(default_factory=RelayConfig)
     source: str = Field(default="(defaults)", exclude=True)
     # where per-account state (token caches) lives; set by the loader from XDG_STATE_HOME
     state_home: Path = Field(default=Path("~/.local/state/smtp365"), exclude=True)

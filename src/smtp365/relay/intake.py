@@ -8,6 +8,12 @@ the queue's ``incoming/`` directory, which the queue takes over without copying.
 message is never held in memory. :meth:`Draft.commit` returns only once
 ``queue.enqueue`` returned, i.e. once the message is durable.
 
+Routing happens here too (Postfix's cleanup does its canonical rewriting at the same
+point): a :data:`Router` picks the sending account for the client and envelope, and may ask
+for a **sender rewrite**: the envelope sender and ``From:`` become the account's mailbox
+(Exchange Online sends only as the mailbox, or with SendAs), the original ``From:`` is kept
+in ``Reply-To:`` (unless the message has one) and any ``Sender:`` is dropped.
+
 Known limit: the queue chooses the queue id inside ``enqueue``, so the ``Received:`` header
 carries the intake's own transaction id (``id``), and the queue id is logged with it.
 """
@@ -22,6 +28,7 @@ import re
 import secrets
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import format_datetime
 from pathlib import Path
@@ -31,7 +38,7 @@ from smtp365.errors import MessageError
 from smtp365.models import Envelope
 from smtp365.relay.queue import Content, Queue
 
-__all__ = ["ClientInfo", "Draft", "Intake"]
+__all__ = ["ClientInfo", "Draft", "Intake", "Route", "Router", "rewrite_headers"]
 
 log = logging.getLogger("smtp365.relay.intake")
 
@@ -62,6 +69,70 @@ class ClientInfo:
         return self.user if self.user is not None else self.ip
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a message goes: its sending account, and the mailbox to send as (rewrite)."""
+
+    account: str | None = None  # None: the scheduler routes it later
+    rewrite_to: str | None = None  # send as this address; the original goes to Reply-To
+
+
+Router = Callable[[ClientInfo, Envelope], Route]
+"""Chooses the :class:`Route` of a message from the client and its envelope."""
+
+
+def _fields(head: bytes) -> list[bytes]:
+    """Header fields (each with its continuation lines and line ends)."""
+    fields: list[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields
+
+
+def _name(field: bytes) -> bytes:
+    return field.split(b":", 1)[0].strip().lower() if b":" in field else b""
+
+
+def _quote(text: str) -> str:
+    return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
+
+
+def rewrite_headers(head: bytes, mailbox: str, original_sender: str) -> bytes:
+    """The header section with ``From:`` set to ``mailbox``; the original ``From:`` (else
+    the envelope sender) moves to ``Reply-To:`` unless one exists; ``Sender:`` dropped.
+
+    ``head`` is the header section without the empty line that ends it."""
+    fields = _fields(head)
+    names = [_name(f) for f in fields]
+    old_from = next((f for f, n in zip(fields, names, strict=True) if n == b"from"), None)
+    keep = [f for f, n in zip(fields, names, strict=True) if n not in (b"from", b"sender")]
+    if old_from is not None:
+        value = old_from.split(b":", 1)[1].strip()
+        shown = re.sub(rb"\s+", b" ", value).decode("utf-8", "replace")
+    else:
+        value = f"<{original_sender}>".encode() if original_sender else b""
+        shown = original_sender
+    display = _clean_display(shown) or mailbox
+    new = [f"From: {_quote(display)} <{mailbox}>\r\n".encode()]
+    if b"reply-to" not in names and value:
+        new.append(b"Reply-To: " + value + b"\r\n")
+    return b"".join(new + keep)
+
+
+def _clean_display(text: str) -> str:
+    """A display name from a From value: its phrase, else the bare address."""
+    text = re.sub(r"[\x00-\x1f\x7f]", "", text).strip()
+    if "<" in text:
+        phrase = text.split("<", 1)[0].strip().strip('"').strip()
+        if phrase and not phrase.startswith("=?"):
+            return phrase[:100]
+        return text.split("<", 1)[1].split(">", 1)[0].strip()[:100]
+    return text[:100]
+
+
 def _clean(text: str) -> str:
     return re.sub(r"[^\x21-\x7e]", "?", text)[:255]
 
@@ -77,6 +148,11 @@ class Draft:
     ) -> None:
         self._intake = intake
         self.client = client
+        self.route = intake.route(client, envelope)
+        self.original_sender = envelope.sender
+        rewrite = self.route.rewrite_to
+        if rewrite and rewrite.lower() != envelope.sender.lower():
+            envelope = Envelope(sender=rewrite, recipients=envelope.recipients)
         self.envelope = envelope
         self.txn_id = secrets.token_hex(6).upper()
         self.message_id = ""
@@ -104,6 +180,10 @@ class Draft:
         self._headers = None
         end = headers.find(b"\r\n\r\n")
         head = headers if end < 0 else headers[: end + 2]
+        if self.route.rewrite_to and self.envelope.sender != self.original_sender:
+            rest = headers[len(head) :]
+            head = rewrite_headers(head, self.route.rewrite_to, self.original_sender)
+            headers = head + rest
         found = _MESSAGE_ID.search(head)
         prefix = self._intake.received(self.client, self.envelope, self.txn_id)
         if found is not None:
@@ -149,7 +229,7 @@ class Draft:
                 self.envelope,
                 content,
                 message_id=self.message_id,
-                account=self._intake.account_for(self.client, self.envelope),
+                account=self.route.account,
                 client=self.client.queue_client,
             )
         finally:
@@ -158,16 +238,23 @@ class Draft:
                 with contextlib.suppress(OSError):
                     self._path.unlink()  # the queue did not take it (error)
         log.info(
-            "accepted %s (txn %s) from [%s] %s sender=<%s> recipients=%d size=%d msgid=%s",
+            "accepted %s (txn %s) from [%s] %s sender=<%s>%s recipients=%d size=%d "
+            "account=%s msgid=%s",
             queue_id,
             self.txn_id,
             self.client.ip,
             self.client.identity,
             self.envelope.sender,
+            f" (was <{self.original_sender}>)"
+            if self.envelope.sender != self.original_sender
+            else "",
             len(self.envelope.recipients),
             self.size,
+            self.route.account or "-",
             self.message_id,
         )
+        if self._intake.on_enqueued is not None:
+            self._intake.on_enqueued(queue_id)
         return queue_id
 
     def discard(self) -> None:
@@ -195,6 +282,8 @@ class Intake:
         spill_at: int = 64 * 1024,
         header_limit: int = 256 * 1024,
         default_account: str | None = None,
+        router: Router | None = None,
+        on_enqueued: Callable[[str], None] | None = None,
     ) -> None:
         self.queue = queue
         self.hostname = hostname
@@ -205,6 +294,8 @@ class Intake:
         self.spill_at = spill_at
         self.header_limit = header_limit
         self.default_account = default_account
+        self.router = router
+        self.on_enqueued = on_enqueued
 
     @property
     def storage_dir(self) -> Path:
@@ -212,9 +303,11 @@ class Intake:
         root = getattr(self.queue, "root", None)
         return root if isinstance(root, Path) else self.spool
 
-    def account_for(self, client: ClientInfo, envelope: Envelope) -> str | None:
-        """The sending account chosen at intake; ``None``: routed later by the scheduler."""
-        return self.default_account
+    def route(self, client: ClientInfo, envelope: Envelope) -> Route:
+        """The sending account (and rewrite) chosen at intake."""
+        if self.router is not None:
+            return self.router(client, envelope)
+        return Route(self.default_account)
 
     def validate(self, envelope: Envelope) -> None:
         if not envelope.recipients:

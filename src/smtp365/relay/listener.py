@@ -110,6 +110,7 @@ class _Shared:
     users: UserDB | None
     tls_context: ssl.SSLContext | None
     sessions: set[RelaySMTP] = field(default_factory=set)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)  # set when no session is open
 
 
 class _NoHooks:
@@ -228,11 +229,14 @@ class RelaySMTP(SMTP):
             self._utf8 = False
         else:
             self._shared.sessions.add(self)
+            self._shared.drained.clear()
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._closed_once:
             self._closed_once = True
             self._shared.sessions.discard(self)
+            if not self._shared.sessions:
+                self._shared.drained.set()
         super().connection_lost(error)
         closed = getattr(self, "_closed", None)
         if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
@@ -675,12 +679,18 @@ class RelayListener:
         )
         log.info("listening on %s:%d (%s)", self.config.host, self.port, self.config.mode)
 
-    async def stop(self) -> None:
-        """Stop accepting and close every session (a DATA in progress gets no 250)."""
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting; give open sessions up to ``grace`` seconds to finish (a message
+        being received still gets its 250 once durable), then close the rest (a DATA still in
+        progress then gets no 250, so its client keeps the message and tries again)."""
         if self._server is None:
             return
         server, self._server = self._server, None
         server.close()
+        if grace > 0 and self._shared.sessions:
+            log.info("waiting up to %.0f s for %d open session(s)", grace, self.sessions)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._shared.drained.wait(), grace)
         for session in list(self._shared.sessions):
             session._close()
         await server.wait_closed()

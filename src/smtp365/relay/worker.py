@@ -277,6 +277,7 @@ class Worker:
         replies_seen: list[str] = []
         refused: dict[str, Reply] = {}
         pool = self.pool(account_name)
+        sender = account.sender or mailbox
         for chunk in _chunks(remaining, size):
             grant = await self.acquire(mailbox, len(chunk))
             if grant is None:
@@ -287,7 +288,9 @@ class Worker:
             try:
                 outcome = await transport.submit(
                     Submission(
-                        envelope=Envelope(sender=msg.sender, recipients=chunk),
+                        # A null sender (a bounce) goes out from the mailbox itself:
+                        # Exchange Online sends only as the signed-in mailbox.
+                        envelope=Envelope(sender=msg.sender or sender, recipients=chunk),
                         content=content,
                         message_id=msg.message_id,
                     )

@@ -1,0 +1,62 @@
+"""The relay's log: one line per event, as text or as JSON lines.
+
+Text: ``2026-11-28T07:12:03.114Z INFO  intake: accepted 01J... from [10.0.0.7] ...``.
+JSON: ``{"time": "...", "level": "info", "component": "intake", "message": "..."}``.
+Every line carries the client's ``[IP]`` where a client is involved (fail2ban can match
+failed AUTH lines), never a password, token or message content.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import TextIO
+
+__all__ = ["JsonFormatter", "TextFormatter", "setup"]
+
+
+def _stamp(created: float) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        + f".{int(created % 1 * 1000):03d}Z"
+    )
+
+
+def _component(name: str) -> str:
+    return name.removeprefix("smtp365.").removeprefix("relay.") or "relay"
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_stamp(record.created)} {record.levelname:<7} {_component(record.name)}: "
+        line += record.getMessage().replace("\n", " ")
+        if record.exc_info:
+            line += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": _stamp(record.created),
+            "level": record.levelname.lower(),
+            "component": _component(record.name),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup(fmt: str = "text", *, stream: TextIO | None = None, level: int = logging.INFO) -> None:
+    """Send smtp365's log to ``stream`` (stderr) in ``fmt`` ("text" or "json")."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger("smtp365")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False

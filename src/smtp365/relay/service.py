@@ -1,0 +1,292 @@
+"""The relay as one running service: listeners → intake → queue → scheduler → workers → bounces.
+
+:class:`RelayService` builds every part from :class:`~smtp365.config.Settings` (its
+``[relay]`` table and its accounts), starts them, and stops them in the order that loses
+nothing: first stop accepting connections and let open sessions finish (a message gets its
+``250`` only once durable), then let deliveries in progress finish, then close the queue.
+Whatever is not finished within the grace period stays in the queue, leased or deferred,
+and goes out after the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from smtp365.config import AccountSettings, Settings
+from smtp365.config.relay import ListenerSettings, RelayConfig
+from smtp365.errors import ConfigError
+from smtp365.models import Envelope
+from smtp365.relay.backoff import Backoff
+from smtp365.relay.dsn import Bouncer
+from smtp365.relay.intake import ClientInfo, Intake, Route
+from smtp365.relay.listener import Limits, ListenerConfig, RelayListener
+from smtp365.relay.policy import NetworkRule, RelayPolicy
+from smtp365.relay.queue.sqlite import SqliteQueue
+from smtp365.relay.ratelimit import Limits as Budget
+from smtp365.relay.ratelimit import RateLimiter
+from smtp365.relay.scheduler import Scheduler, make_router
+from smtp365.relay.tlscert import self_signed
+from smtp365.relay.users import UserDB, sender_allowed
+from smtp365.relay.worker import DeliveryPolicy, TransportFactory, Worker
+
+__all__ = ["RelayService", "accounts_of"]
+
+log = logging.getLogger("smtp365.relay")
+
+PURGE_EVERY = 3600.0  # seconds between delivery-log purges
+
+
+def accounts_of(settings: Settings) -> dict[str, AccountSettings]:
+    """Every account of the file, resolved (the implicit default one when there are none)."""
+    if not settings.accounts:
+        return {"default": settings.account()}
+    return {name: settings.account(name) for name in settings.accounts}
+
+
+class RelayService:
+    """Build with settings, then ``await start()`` / ``await stop()``, or ``await run()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        state_dir: Path | None = None,
+        transport_factory: TransportFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config: RelayConfig = settings.relay
+        self.state_dir = (
+            state_dir or self.config.resolved_state_dir(settings.state_home)
+        ).expanduser()
+        self.hostname = self.config.hostname or socket.getfqdn()
+        self.accounts = accounts_of(settings)
+        self.default_account = self.config.account or settings.default_account
+        if self.default_account not in self.accounts:
+            self.default_account = next(iter(self.accounts))
+            if self.config.account:
+                raise _unknown_account("relay.account", self.config.account, self.accounts)
+        self.postmaster = self.config.postmaster or self.default_account
+        if self.postmaster not in self.accounts:
+            raise _unknown_account("relay.postmaster", self.postmaster, self.accounts)
+        for i, route in enumerate(self.config.routes):
+            if route.account not in self.accounts:
+                raise _unknown_account(f"relay.routes[{i}].account", route.account, self.accounts)
+        self._factory = transport_factory
+        self.queue: SqliteQueue | None = None
+        self.listeners: list[RelayListener] = []
+        self.scheduler: Scheduler | None = None
+        self.worker: Worker | None = None
+        self._purger: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._started = False
+
+    # ----------------------------------------------------------------- routing
+
+    def route(self, client: ClientInfo, envelope: Envelope) -> Route:
+        """The first ``[[relay.routes]]`` entry that matches, else the default account."""
+        network = client.identity.removeprefix("network ") if client.user is None else None
+        for rule in self.config.routes:
+            if rule.sender is not None and not sender_allowed([rule.sender], envelope.sender):
+                continue
+            if rule.client is not None and rule.client.lower() not in {
+                (client.user or "").lower(),
+                (network or "").lower(),
+            }:
+                continue
+            account = self.accounts[rule.account]
+            rewrite = (account.sender or account.username) if rule.rewrite_sender else None
+            return Route(rule.account, rewrite)
+        return Route(self.default_account)
+
+    def budget(self, mailbox: str) -> Budget:
+        b = self.config.budget
+        return Budget(
+            messages_per_window=b.messages_per_minute,
+            message_window=b.minute,
+            recipients_per_window=b.recipients_per_day,
+            recipient_window=b.day,
+            max_connections=b.connections,
+        )
+
+    # --------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.queue = queue = await SqliteQueue.open(self.state_dir / "queue")
+        try:
+            await self._start_parts(queue)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start_parts(self, queue: SqliteQueue) -> None:
+        cfg = self.config
+        if queue.recovery is not None and queue.recovery.changed:
+            log.warning("queue recovered after an unclean stop: %s", queue.recovery)
+        postmaster = self.accounts[self.postmaster]
+        bouncer = Bouncer(
+            queue,
+            account=self.postmaster,
+            from_address=postmaster.sender or postmaster.username or f"postmaster@{self.hostname}",
+            reporting_mta=self.hostname,
+        )
+        self.worker = Worker(
+            queue,
+            self.accounts,
+            limiter=RateLimiter(self.budget),
+            backoff=Backoff(
+                base=cfg.retry_base, cap=cfg.retry_max, max_lifetime=cfg.max_queue_lifetime
+            ),
+            policy=DeliveryPolicy(max_recipients_per_message=cfg.budget.max_recipients_per_message),
+            on_failed=bouncer,
+            transport_factory=self._factory,
+        )
+        self.scheduler = Scheduler(
+            queue,
+            self.worker,
+            make_router(default=self.default_account),
+            max_inflight=cfg.max_inflight,
+        )
+        users = UserDB(cfg.users_file or self.state_dir / "users.json")
+        policy = RelayPolicy(
+            NetworkRule.parse(
+                n.cidr, n.senders, name=n.name or n.cidr, allow_plain_auth=n.allow_plain_auth
+            )
+            for n in cfg.networks
+        )
+        scheduler = self.scheduler
+        intake = Intake(
+            queue,
+            hostname=self.hostname,
+            router=self.route,
+            on_enqueued=lambda _id: scheduler.wake(),
+        )
+        for item in cfg.listeners:
+            listener = RelayListener(
+                self._listener_config(item), queue=queue, policy=policy, users=users, intake=intake
+            )
+            await listener.start()
+            self.listeners.append(listener)
+        scheduler.start()
+        self._purger = asyncio.create_task(self._purge_loop(), name="smtp365-relay-purge")
+        log.info(
+            "relay %s ready: %s; sending through %s; %d local user(s); queue %s",
+            self.hostname,
+            ", ".join(
+                f"{lst.config.host}:{lst.port} ({lst.config.mode})" for lst in self.listeners
+            ),
+            self.default_account,
+            len(users),
+            queue.root,
+        )
+
+    def _listener_config(self, item: ListenerSettings) -> ListenerConfig:
+        cert, key = item.cert_file, item.key_file
+        if item.mode != "plain" and (cert is None or key is None):
+            if (cert is None) != (key is None):
+                raise ConfigError(
+                    f"listener {item.host}:{item.port} has only one of cert_file and key_file",
+                    fix="set both, or neither (a self-signed pair is then made)",
+                )
+            cert, key = self_signed(self.state_dir / "tls", self.hostname)
+        return ListenerConfig(
+            host=item.host,
+            port=item.port,
+            mode=item.mode,
+            hostname=self.hostname,
+            cert_file=cert,
+            key_file=key,
+            limits=Limits(
+                max_message_size=item.max_message_size,
+                max_recipients=item.max_recipients,
+                session_timeout=item.session_timeout,
+                auth_attempts=item.auth_attempts,
+            ),
+            bare_newline=item.bare_newline,
+        )
+
+    async def _purge_loop(self) -> None:
+        assert self.queue is not None
+        keep = self.config.delivery_log_days * 86_400.0
+        while True:
+            try:
+                removed = await self.queue.purge_log(time.time() - keep)
+                if removed:
+                    log.info(
+                        "delivery log: purged %d entries older than %g days",
+                        removed,
+                        self.config.delivery_log_days,
+                    )
+            except Exception:
+                log.exception("purging the delivery log failed")
+            await asyncio.sleep(PURGE_EVERY)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop (signal handlers call this)."""
+        self._stop.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, finish sessions and deliveries within ``grace``, close the queue."""
+        grace = self.config.grace if grace is None else grace
+        deadline = time.monotonic() + grace
+        await asyncio.gather(*(lst.stop(grace) for lst in self.listeners))
+        self.listeners = []
+        if self.scheduler is not None:
+            await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
+            self.scheduler = None
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
+            self._purger = None
+        if self.queue is not None:
+            await self.queue.close()
+            self.queue = None
+        log.info("relay stopped")
+
+    async def run(self, on_ready: Callable[[RelayService], None] | None = None) -> None:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), stop gracefully."""
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+        try:
+            await self.start()
+            if on_ready is not None:
+                on_ready(self)
+            await self._stop.wait()
+        finally:
+            await self.stop()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("%s: stopping (grace %g s)", sig.name, self.config.grace)
+        self._stop.set()
+
+    async def __aenter__(self) -> RelayService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _unknown_account(key: str, name: str, accounts: dict[str, AccountSettings]) -> ConfigError:
+    known = ", ".join(sorted(accounts))
+    return ConfigError(
+        f"{key} names the account {name!r}, which is not defined (accounts: {known})",
+        fix=f"add an [accounts.{name}] table or use one of: {known}",
+    )

@@ -1,0 +1,199 @@
+"""The whole relay (listener → intake → queue → scheduler → worker → bounce) in front of the
+sandbox, driven by Python's smtplib: plain, STARTTLS with AUTH, implicit TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import smtplib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from smtp365.relay.queue import State
+from smtp365.relay.service import RelayService
+from smtp365.relay.users import UserDB
+from smtp365.sandbox import Sandbox, SandboxSettings
+from smtp365.sandbox.settings import FaultRule, FaultSettings
+from tests.relay.service_helpers import ALICE, BOB, account, settings, settled, until
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    sb = Sandbox(tmp_path / "sbx")
+    await sb.start()
+    yield sb
+    await sb.stop()
+
+
+def body(subject: str, sender: str = ALICE, extra: str = "") -> bytes:
+    return (
+        f"From: Printer <{sender}>\r\nTo: someone@example.net\r\nSubject: {subject}\r\n{extra}"
+        f"\r\nscan attached\r\n"
+    ).encode()
+
+
+def smtp_send(port: int, sender: str, rcpts: list[str], data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.sendmail(sender, rcpts, data)
+
+
+async def test_plain_client_through_the_relay_reaches_the_sandbox(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    async with RelayService(settings(sandbox, tmp_path / "relay")) as relay:
+        port = relay.listeners[0].port
+        await asyncio.to_thread(smtp_send, port, ALICE, ["someone@example.net"], body("one"))
+        await settled(relay)
+        [got] = sandbox.store.list()
+        assert got.subject == "one" and got.mail_from == ALICE
+        assert got.rcpt_tos == ["someone@example.net"]
+        content = sandbox.store.content(got.id)
+        assert b"by relay.test (smtp365 relay) with ESMTP" in content
+        assert relay.queue is not None
+        [entry] = await relay.queue.list(State.DELIVERED)
+        assert entry.last_reason.startswith("250")
+        assert entry.account == "alice"
+
+
+async def test_authenticated_device_is_rewritten_to_the_mailbox(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    state = tmp_path / "relay"
+    UserDB(state / "users.json").add("scanner", "correct horse battery", ["*@printer.local"])
+    cfg = settings(
+        sandbox,
+        state,
+        relay={
+            "listeners": [{"port": 0, "mode": "starttls"}],
+            "networks": [],
+            "routes": [{"client": "scanner", "account": "alice", "rewrite_sender": True}],
+        },
+    )
+
+    def send(port: int) -> None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the relay's self-signed certificate
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.starttls(context=ctx)
+            s.login("scanner", "correct horse battery")
+            s.sendmail(
+                "scan@printer.local", ["bob@example.net"], body("scan", "scan@printer.local")
+            )
+
+    async with RelayService(cfg) as relay:
+        assert (state / "tls" / "relay.crt").is_file()
+        assert (state / "tls" / "relay.key").stat().st_mode & 0o077 == 0
+        await asyncio.to_thread(send, relay.listeners[0].port)
+        await settled(relay)
+    [got] = sandbox.store.list()
+    assert got.mail_from == ALICE  # the envelope sender is the mailbox now
+    msg = email.message_from_bytes(sandbox.store.content(got.id), policy=email.policy.default)
+    assert msg["From"].addresses[0].addr_spec == ALICE
+    assert msg["From"].addresses[0].display_name == "Printer"
+    assert msg["Reply-To"].addresses[0].addr_spec == "scan@printer.local"
+    assert "with ESMTPSA" in msg["Received"]
+
+
+async def test_unauthenticated_client_off_the_allowlist_is_refused(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    cfg = settings(sandbox, tmp_path / "relay", relay={"networks": [{"cidr": "10.9.8.0/24"}]})
+    async with RelayService(cfg) as relay:
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+            await asyncio.to_thread(
+                smtp_send, relay.listeners[0].port, ALICE, ["x@example.net"], body("no")
+            )
+        [(code, text)] = info.value.recipients.values()
+        assert code == 554 and b"Relay access denied" in text
+        assert relay.queue is not None
+        assert (await relay.queue.stats()).pending == 0
+    assert sandbox.store.list() == []
+
+
+async def test_implicit_tls_listener(sandbox: Sandbox, tmp_path: Path) -> None:
+    cfg = settings(sandbox, tmp_path / "relay", relay={"listeners": [{"port": 0, "mode": "tls"}]})
+
+    def send(port: int, cafile: Path) -> None:
+        ctx = ssl.create_default_context(cafile=str(cafile))  # verifies the self-signed cert
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=10) as s:
+            s.sendmail(ALICE, ["x@example.net"], body("tls"))
+
+    async with RelayService(cfg) as relay:
+        await asyncio.to_thread(send, relay.listeners[0].port, relay.state_dir / "tls/relay.crt")
+        await settled(relay)
+    assert [m.subject for m in sandbox.store.list()] == ["tls"]
+
+
+async def test_routes_pick_the_account_by_sender(sandbox: Sandbox, tmp_path: Path) -> None:
+    cfg = settings(
+        sandbox,
+        tmp_path / "relay",
+        relay={"routes": [{"sender": "*@bob.example", "account": "bob", "rewrite_sender": True}]},
+        bob=account(sandbox, BOB),
+    )
+    async with RelayService(cfg) as relay:
+        port = relay.listeners[0].port
+        await asyncio.to_thread(smtp_send, port, "app@bob.example", ["x@example.net"], body("b"))
+        await asyncio.to_thread(smtp_send, port, ALICE, ["x@example.net"], body("a"))
+        await settled(relay)
+    sent = {m.subject: (m.mailbox, m.mail_from) for m in sandbox.store.list()}
+    assert sent == {"b": (BOB, BOB), "a": (ALICE, ALICE)}
+
+
+async def test_permanent_failure_bounces_to_the_sender(tmp_path: Path) -> None:
+    faults = FaultSettings(
+        rcpt=FaultRule(reply="550 5.1.10 RESOLVER.ADR.RecipientNotFound", times=1)
+    )
+    sb = Sandbox(tmp_path / "sbx", SandboxSettings(faults=faults))
+    await sb.start()
+    try:
+        async with RelayService(settings(sb, tmp_path / "relay")) as relay:
+            port = relay.listeners[0].port
+            await asyncio.to_thread(smtp_send, port, ALICE, ["gone@example.net"], body("lost"))
+            await settled(relay)
+            assert relay.queue is not None
+            [failed] = await relay.queue.list(State.FAILED)
+            assert "5.1.10" in failed.last_reason
+            [bounce] = await relay.queue.list(State.DELIVERED)
+            assert bounce.sender == "" and bounce.recipients == (ALICE,)
+        [dsn] = sb.store.list()
+        assert dsn.rcpt_tos == [ALICE] and dsn.mail_from == ALICE
+        report = email.message_from_bytes(sb.store.content(dsn.id), policy=email.policy.default)
+        assert report.get_content_type() == "multipart/report"
+        assert "Status: 5.1.10" in sb.store.content(dsn.id).decode()
+    finally:
+        await sb.stop()
+
+
+async def test_upstream_down_then_back_everything_arrives(tmp_path: Path) -> None:
+    sb = Sandbox(tmp_path / "sbx")
+    await sb.start()
+    port = sb.smtp_port
+    cfg = settings(sb, tmp_path / "relay")
+    await sb.stop()
+    async with RelayService(cfg) as relay:
+        rport = relay.listeners[0].port
+        for i in range(5):
+            await asyncio.to_thread(smtp_send, rport, ALICE, ["x@example.net"], body(f"d{i}"))
+        assert relay.queue is not None
+        queue = relay.queue
+
+        async def all_deferred() -> bool:
+            stats = await queue.stats()
+            return stats[State.DEFERRED] == 5 and all(
+                m.attempts >= 1 for m in await queue.list(State.DEFERRED)
+            )
+
+        await until(all_deferred)
+        back = Sandbox(tmp_path / "sbx", SandboxSettings(smtp_port=port))
+        await back.start()
+        try:
+            await settled(relay, timeout=30)
+            assert sorted(m.subject for m in back.store.list()) == [f"d{i}" for i in range(5)]
+        finally:
+            await back.stop()
