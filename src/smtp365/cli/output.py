@@ -16,9 +16,11 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def fail(exc: Smtp365Error, *, as_json: bool = False) -> NoReturn:
-    """Explain ``exc`` on stderr (or as JSON on stdout) and exit with its sysexits code."""
-    code = exitcodes.for_error(exc)
+def fail(exc: Smtp365Error, *, as_json: bool = False, code: int | None = None) -> NoReturn:
+    """Explain ``exc`` on stderr (or as JSON on stdout) and exit with its sysexits code
+    (``code`` overrides it, except that temporary failures always exit 75)."""
+    if code is None or exc.temporary:
+        code = exitcodes.for_error(exc)
     if as_json:
         payload: dict[str, Any] = {
             "ok": False,

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
@@ -71,25 +71,6 @@ class _OpenFailed(Exception):
         self.error = error
 
 
-def _fail(exc: Smtp365Error, code: int, *, as_json: bool) -> NoReturn:
-    """Like :func:`fail`, with the exit code chosen here (temporary errors stay 75)."""
-    if exc.temporary:
-        fail(exc, as_json=as_json)
-    if as_json:
-        print_json(
-            {
-                "ok": False,
-                "error": type(exc).__name__,
-                "what": exc.what,
-                "fix": exc.fix,
-                "temporary": exc.temporary,
-                "exit_code": code,
-            }
-        )
-        raise typer.Exit(code)
-    die(exc.what, fix=exc.fix, code=code)
-
-
 def _where(config: Path | None, state_dir: Path | None, as_json: bool) -> _Where:
     """Find the queue; never create one (a typo in --state-dir must not look empty)."""
     if state_dir is None:
@@ -101,15 +82,15 @@ def _where(config: Path | None, state_dir: Path | None, as_json: bool) -> _Where
     state_dir = state_dir.expanduser()
     root = state_dir / "queue"
     if not (root / "queue.db").is_file():
-        _fail(
+        fail(
             QueueError(
                 f"no relay queue in {state_dir}",
                 fix="start the relay first (smtp365 relay) or pass --state-dir "
                 "(the relay's state_dir)",
                 temporary=False,
             ),
-            exitcodes.NOINPUT,
             as_json=as_json,
+            code=exitcodes.NOINPUT,
         )
     return _Where(config, state_dir, root, as_json)
 
@@ -134,9 +115,9 @@ def _run(where: _Where, action: Callable[[SqliteQueue], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except _OpenFailed as exc:
-        _fail(exc.error, exitcodes.NOINPUT, as_json=where.as_json)
+        fail(exc.error, as_json=where.as_json, code=exitcodes.NOINPUT)
     except QueueError as exc:
-        _fail(exc, exitcodes.DATAERR, as_json=where.as_json)
+        fail(exc, as_json=where.as_json, code=exitcodes.DATAERR)
     except Smtp365Error as exc:
         fail(exc, as_json=where.as_json)
 
