@@ -382,6 +382,7 @@ auth = "none"
 [relay]
 state_dir = "$dir/relay-state"
 hostname = "relay.bench"
+processes = ${RELAY_PROCESSES:-0}
 
 [[relay.listeners]]
 host = "127.0.0.1"

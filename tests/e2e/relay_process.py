@@ -61,6 +61,7 @@ class RelayProcess:
         self.log: list[str] = []
         self.ports: dict[str, int] = {}
         self._ready = asyncio.Event()
+        self._line = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 20.0) -> RelayProcess:
@@ -94,11 +95,43 @@ class RelayProcess:
         async for raw in self.proc.stderr:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.log.append(line)
+            self._line.set()
             found = _READY.search(line)
             if found:
                 for _host, port, mode in _LISTEN.findall(found.group(1)):
                     self.ports.setdefault(mode, int(port))
                 self._ready.set()
+
+    async def wait_for_line(
+        self, pattern: str, timeout: float = 20.0, start: int = 0
+    ) -> re.Match[str]:
+        """The first log line from index ``start`` on that matches ``pattern``."""
+        regex = re.compile(pattern)
+        async with asyncio.timeout(timeout):
+            while True:
+                self._line.clear()
+                for line in self.log[start:]:
+                    found = regex.search(line)
+                    if found:
+                        return found
+                await self._line.wait()
+
+    def helpers(self) -> list[int]:
+        """The pids of the helper processes (``[relay] processes`` > 1)."""
+        assert self.proc is not None
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.proc.pid and b"smtp365.relay.procs" in cmdline:
+                found.append(int(entry.name))
+        return found
 
     @property
     def port(self) -> int:

@@ -222,6 +222,7 @@ async def _demo(state_dir: Path, to: str) -> None:
                 "relay": {
                     "state_dir": str(state_dir / "relay"),
                     "hostname": "relay.demo",
+                    "processes": 1,  # one message: no helper processes needed
                     "listeners": [{"host": "127.0.0.1", "port": 0, "mode": "plain"}],
                     "networks": [{"cidr": "127.0.0.0/8", "name": "lan"}],
                     "routes": [

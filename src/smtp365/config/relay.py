@@ -118,6 +118,8 @@ class RelayConfig(BaseModel):
     max_inflight: int = Field(default=16, ge=1)  # deliveries at once, all accounts
     grace: float = Field(default=30.0, ge=0)  # SIGTERM: finish sessions/deliveries this long
     log_format: Literal["text", "json"] = "text"
+    # processes accepting connections (the main one included); 0: one per CPU core
+    processes: int = Field(default=0, ge=0, le=64)
     listeners: list[ListenerSettings] = Field(default_factory=lambda: [ListenerSettings()])
     networks: list[NetworkSettings] = Field(
         default_factory=lambda: [

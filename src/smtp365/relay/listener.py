@@ -34,7 +34,7 @@ import shutil
 import socket
 import ssl
 from base64 import b64decode
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AnyStr, Literal
@@ -48,7 +48,14 @@ from smtp365.relay.policy import ClientIdentity, RelayPolicy, split_path
 from smtp365.relay.queue import Queue
 from smtp365.relay.users import UserDB
 
-__all__ = ["Limits", "ListenerConfig", "RelayListener", "RelaySMTP", "server_tls_context"]
+__all__ = [
+    "Limits",
+    "ListenerConfig",
+    "RelayListener",
+    "RelaySMTP",
+    "bind",
+    "server_tls_context",
+]
 
 log = logging.getLogger("smtp365.relay.listener")
 
@@ -135,6 +142,8 @@ class RelaySMTP(SMTP):
         self._early = asyncio.Event()
         self._closing = False
         self._closed_once = False
+        self._deadline = 0.0
+        self._fired = False
         super().__init__(
             _NoHooks(),
             data_size_limit=limits.max_message_size,
@@ -153,6 +162,11 @@ class RelaySMTP(SMTP):
         table: dict[str, Callable[[str | None], Awaitable[None]]] = self._smtp_methods
         self._smtp_methods = {name: self._guard(meth) for name, meth in table.items()}
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd builds its command and AUTH tables from dir(self) for every connection;
+        # the full dir() of this class costs more than the rest of a session's setup.
+        return _command_names(type(self))
+
     def _guard(
         self, method: Callable[[str | None], Awaitable[None]]
     ) -> Callable[[str | None], Awaitable[None]]:
@@ -163,6 +177,27 @@ class RelaySMTP(SMTP):
         return run
 
     # ------------------------------------------------------------------ helpers
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Called for every line: move a deadline instead of replacing a timer each time
+        # (aiosmtpd's version creates and cancels a TimerHandle per line).
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline or self._fired:
+            if handle is not None:
+                handle.cancel()
+            self._fired = False
+            self._timeout_handle = self.loop.call_at(deadline, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
+            return
+        self._fired = True
+        log.info("[%s] session timed out", self.client_ip)
+        if self.transport is not None:
+            self.transport.close()
 
     @property
     def client_ip(self) -> str:
@@ -629,6 +664,45 @@ class RelaySMTP(SMTP):
             draft.feed(piece)
 
 
+def bind(host: str, port: int, *, backlog: int = 511) -> list[socket.socket]:
+    """Listening sockets for ``host``:``port`` (every address it resolves to), to be served
+    by several processes at once: each passes them to :meth:`RelayListener.start`. Port 0
+    gets one port, shared by all the addresses."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+_COMMAND_NAMES: dict[str, list[str]] = {}
+
+
+def _command_names(cls: type) -> list[str]:
+    key = f"{cls.__module__}.{cls.__qualname__}"
+    names = _COMMAND_NAMES.get(key)
+    if names is None:
+        names = [name for name in dir(cls) if name.startswith(("smtp_", "auth_"))]
+        _COMMAND_NAMES[key] = names
+    return names
+
+
 class RelayListener:
     """One listening socket with its mode, policy and limits."""
 
@@ -657,7 +731,7 @@ class RelayListener:
             users=users,
             tls_context=tls_context,
         )
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
 
     @property
     def sessions(self) -> int:
@@ -665,35 +739,46 @@ class RelayListener:
 
     @property
     def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("the listener is not started")
-        return int(self._server.sockets[0].getsockname()[1])
+        for server in self._servers:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        raise RuntimeError("the listener is not started")
 
-    async def start(self) -> None:
+    async def start(self, sockets: Sequence[socket.socket] = ()) -> None:
+        """Listen on ``config.host``/``config.port``, or serve on ``sockets`` (bound and
+        listening already, shared with other processes: see :func:`bind`)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: RelaySMTP(self._shared),
-            self.config.host,
-            self.config.port,
-            ssl=self._shared.tls_context if self.config.mode == "tls" else None,
-        )
-        log.info("listening on %s:%d (%s)", self.config.host, self.port, self.config.mode)
+        tls = self._shared.tls_context if self.config.mode == "tls" else None
+
+        def factory() -> RelaySMTP:
+            return RelaySMTP(self._shared)
+
+        if sockets:
+            for sock in sockets:
+                self._servers.append(await loop.create_server(factory, sock=sock, ssl=tls))
+        else:
+            self._servers.append(
+                await loop.create_server(factory, self.config.host, self.config.port, ssl=tls)
+            )
+        log.debug("listening on %s:%d (%s)", self.config.host, self.port, self.config.mode)
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop accepting; give open sessions up to ``grace`` seconds to finish (a message
         being received still gets its 250 once durable), then close the rest (a DATA still in
         progress then gets no 250, so its client keeps the message and tries again)."""
-        if self._server is None:
+        if not self._servers:
             return
-        server, self._server = self._server, None
-        server.close()
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
         if grace > 0 and self._shared.sessions:
             log.info("waiting up to %.0f s for %d open session(s)", grace, self.sessions)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._shared.drained.wait(), grace)
         for session in list(self._shared.sessions):
             session._close()
-        await server.wait_closed()
+        for server in servers:
+            await server.wait_closed()
 
     async def __aenter__(self) -> RelayListener:
         await self.start()

@@ -2,6 +2,7 @@
 
 Text: ``2026-11-28T07:12:03.114Z INFO  intake: accepted 01J... from [10.0.0.7] ...``.
 JSON: ``{"time": "...", "level": "info", "component": "intake", "message": "..."}``.
+A helper process that receives mail (``processes`` > 1) marks its lines: ``intake#1:``.
 Every line carries the client's ``[IP]`` where a client is involved (fail2ban can match
 failed AUTH lines), never a password, token or message content.
 """
@@ -14,7 +15,7 @@ import sys
 import time
 from typing import TextIO
 
-__all__ = ["JsonFormatter", "TextFormatter", "setup"]
+__all__ = ["JsonFormatter", "TextFormatter", "current", "setup"]
 
 
 def _stamp(created: float) -> str:
@@ -29,8 +30,13 @@ def _component(name: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
+    def __init__(self, process: int = 0) -> None:
+        super().__init__()
+        self.suffix = f"#{process}" if process else ""
+
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_stamp(record.created)} {record.levelname:<7} {_component(record.name)}: "
+        component = _component(record.name) + self.suffix
+        line = f"{_stamp(record.created)} {record.levelname:<7} {component}: "
         line += record.getMessage().replace("\n", " ")
         if record.exc_info:
             line += " | " + self.formatException(record.exc_info).replace("\n", " | ")
@@ -38,25 +44,47 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, process: int = 0) -> None:
+        super().__init__()
+        self.process = process
+
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "time": _stamp(record.created),
             "level": record.levelname.lower(),
             "component": _component(record.name),
             "message": record.getMessage(),
         }
+        if self.process:
+            doc["process"] = self.process
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
 
 
-def setup(fmt: str = "text", *, stream: TextIO | None = None, level: int = logging.INFO) -> None:
-    """Send smtp365's log to ``stream`` (stderr) in ``fmt`` ("text" or "json")."""
+def setup(
+    fmt: str = "text",
+    *,
+    stream: TextIO | None = None,
+    level: int = logging.INFO,
+    process: int = 0,
+) -> None:
+    """Send smtp365's log to ``stream`` (stderr) in ``fmt`` ("text" or "json").
+
+    ``process``: the number of a helper process (:mod:`smtp365.relay.procs`), shown after
+    the component (``intake#1:``) or as ``"process": 1``; 0 for the main process."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(process) if fmt == "json" else TextFormatter(process))
     root = logging.getLogger("smtp365")
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+
+
+def current() -> tuple[str, int]:
+    """The format and level :func:`setup` was last called with (for child processes)."""
+    root = logging.getLogger("smtp365")
+    json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return ("json" if json_lines else "text"), root.getEffectiveLevel()

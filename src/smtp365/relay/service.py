@@ -13,21 +13,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from smtp365.config import AccountSettings, Settings
 from smtp365.config.relay import ListenerSettings, RelayConfig
 from smtp365.errors import ConfigError
 from smtp365.models import Envelope
+from smtp365.relay import logs
 from smtp365.relay.backoff import Backoff
 from smtp365.relay.dsn import Bouncer
 from smtp365.relay.intake import ClientInfo, Intake, Route
 from smtp365.relay.listener import Limits, ListenerConfig, RelayListener
+from smtp365.relay.listener import bind as listener_bind
 from smtp365.relay.policy import NetworkRule, RelayPolicy
+from smtp365.relay.procs import IntakeProcesses
 from smtp365.relay.queue.sqlite import SqliteQueue
 from smtp365.relay.ratelimit import Limits as Budget
 from smtp365.relay.ratelimit import RateLimiter
@@ -83,6 +87,8 @@ class RelayService:
         self.listeners: list[RelayListener] = []
         self.scheduler: Scheduler | None = None
         self.worker: Worker | None = None
+        self.helpers: IntakeProcesses | None = None
+        self._sockets: list[list[socket.socket]] = []
         self._purger: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._started = False
@@ -157,6 +163,53 @@ class RelayService:
             make_router(default=self.default_account),
             max_inflight=cfg.max_inflight,
         )
+        scheduler = self.scheduler
+        users = await self._start_listeners(
+            queue, on_enqueued=lambda _id: scheduler.wake(), sockets=self._bind_for_helpers()
+        )
+        if self._sockets:
+            self.helpers = IntakeProcesses(
+                self._process_count() - 1,
+                settings=self.settings.model_dump(mode="json"),
+                state_dir=self.state_dir,
+                sockets=self._sockets,
+                on_enqueued=scheduler.wake,
+                log_setup=logs.current(),
+            )
+            await self.helpers.start()
+        scheduler.start()
+        self._purger = asyncio.create_task(self._purge_loop(), name="smtp365-relay-purge")
+        log.info(
+            "relay %s ready: %s; %d process(es); sending through %s; %d local user(s); queue %s",
+            self.hostname,
+            ", ".join(
+                f"{lst.config.host}:{lst.port} ({lst.config.mode})" for lst in self.listeners
+            ),
+            1 + (self.helpers.count if self.helpers is not None else 0),
+            self.default_account,
+            len(users),
+            queue.root,
+        )
+
+    def _process_count(self) -> int:
+        return self.config.processes or os.cpu_count() or 1
+
+    def _bind_for_helpers(self) -> list[list[socket.socket]]:
+        """With more than one process, the listening sockets they will share."""
+        if self._process_count() < 2:
+            return []
+        for item in self.config.listeners:
+            self._sockets.append(listener_bind(item.host, item.port))
+        return self._sockets
+
+    async def _start_listeners(
+        self,
+        queue: SqliteQueue,
+        *,
+        on_enqueued: Callable[[str], None],
+        sockets: Sequence[Sequence[socket.socket]] = (),
+    ) -> UserDB:
+        cfg = self.config
         users = UserDB(cfg.users_file or self.state_dir / "users.json")
         policy = RelayPolicy(
             NetworkRule.parse(
@@ -164,31 +217,48 @@ class RelayService:
             )
             for n in cfg.networks
         )
-        scheduler = self.scheduler
-        intake = Intake(
-            queue,
-            hostname=self.hostname,
-            router=self.route,
-            on_enqueued=lambda _id: scheduler.wake(),
-        )
-        for item in cfg.listeners:
+        intake = Intake(queue, hostname=self.hostname, router=self.route, on_enqueued=on_enqueued)
+        for i, item in enumerate(cfg.listeners):
             listener = RelayListener(
                 self._listener_config(item), queue=queue, policy=policy, users=users, intake=intake
             )
-            await listener.start()
+            await listener.start(sockets[i] if sockets else ())
             self.listeners.append(listener)
-        scheduler.start()
-        self._purger = asyncio.create_task(self._purge_loop(), name="smtp365-relay-purge")
-        log.info(
-            "relay %s ready: %s; sending through %s; %d local user(s); queue %s",
-            self.hostname,
-            ", ".join(
-                f"{lst.config.host}:{lst.port} ({lst.config.mode})" for lst in self.listeners
-            ),
-            self.default_account,
-            len(users),
-            queue.root,
-        )
+        return users
+
+    async def run_intake(
+        self, sockets: Sequence[Sequence[socket.socket]], notify: socket.socket, *, index: int
+    ) -> None:
+        """A helper process (:mod:`smtp365.relay.procs`): receive on the inherited
+        ``sockets`` into the shared queue until SIGTERM, or until the main process is gone."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        notify.setblocking(False)
+        orphaned = False
+
+        def parent_readable() -> None:
+            nonlocal orphaned
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                if not notify.recv(1):
+                    orphaned = True
+                    loop.remove_reader(notify.fileno())
+                    self._stop.set()
+
+        def enqueued(_id: str) -> None:
+            with contextlib.suppress(OSError):  # a full pipe: the scheduler polls anyway
+                notify.send(b"\x01")
+
+        loop.add_reader(notify.fileno(), parent_readable)
+        self.queue = queue = await SqliteQueue.open(self.state_dir / "queue")
+        try:
+            await self._start_listeners(queue, on_enqueued=enqueued, sockets=sockets)
+            log.info("intake process %d (pid %d) serving", index, os.getpid())
+            await self._stop.wait()
+        finally:
+            await self.stop(grace=0 if orphaned else None)
+            loop.remove_reader(notify.fileno())
+            notify.close()
 
     def _listener_config(self, item: ListenerSettings) -> ListenerConfig:
         cert, key = item.cert_file, item.key_file
@@ -239,8 +309,16 @@ class RelayService:
         """Stop accepting, finish sessions and deliveries within ``grace``, close the queue."""
         grace = self.config.grace if grace is None else grace
         deadline = time.monotonic() + grace
-        await asyncio.gather(*(lst.stop(grace) for lst in self.listeners))
+        helpers, self.helpers = self.helpers, None
+        await asyncio.gather(
+            *(lst.stop(grace) for lst in self.listeners),
+            *([helpers.stop(grace)] if helpers is not None else []),
+        )
         self.listeners = []
+        for group in self._sockets:
+            for sock in group:
+                sock.close()
+        self._sockets = []
         if self.scheduler is not None:
             await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
             self.scheduler = None
