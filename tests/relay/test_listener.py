@@ -502,3 +502,70 @@ async def test_nothing_runs_after_421(make_relay: MakeRelay) -> None:
     replies = (await asyncio.to_thread(run)).splitlines()
     assert replies[-1].startswith(b"421 ") and len(replies) == 21
     assert await relay.queue.list() == []
+
+
+# ---------------------------------------------------------------- stopping
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    """One whole (possibly multi-line) reply."""
+    lines = b""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        assert line, f"connection closed after {lines!r}"
+        lines += line
+        if line[3:4] != b"-":
+            return lines
+
+
+async def test_stop_with_grace_lets_an_open_session_finish_its_message(
+    make_relay: MakeRelay,
+) -> None:
+    relay = await make_relay(networks=(LOCALHOST,))
+    port = relay.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await _reply(reader)).startswith(b"220")
+        for command in (b"EHLO client.test", b"MAIL FROM:<app@corp.example>"):
+            writer.write(command + b"\r\n")
+            assert (await _reply(reader))[:1] == b"2"
+        writer.write(b"RCPT TO:<t@foreign.example>\r\n")
+        assert (await _reply(reader))[:1] == b"2"
+        writer.write(b"DATA\r\n")
+        assert (await _reply(reader)).startswith(b"354")
+        writer.write(MESSAGE[:40])  # half a message when the stop begins
+        await writer.drain()
+
+        stopping = asyncio.create_task(relay.listener.stop(grace=20))
+        # No new connections once stopping has begun ...
+        await asyncio.sleep(0)
+        with pytest.raises(OSError):
+            _, late = await asyncio.open_connection("127.0.0.1", port)
+            late.close()
+        assert not stopping.done()
+        # ... but the open session finishes its message, which is queued.
+        writer.write(MESSAGE[40:] + b".\r\n")
+        reply = await _reply(reader)
+        assert reply.startswith(b"250 2.0.0 Ok: queued as "), reply
+        queue_id = reply.split()[-1].decode()
+        assert (await relay.queue.get(queue_id)) is not None
+        writer.write(b"QUIT\r\n")
+        assert (await _reply(reader)).startswith(b"221")
+        await asyncio.wait_for(stopping, 10)  # returns as soon as the last session is gone
+    finally:
+        writer.close()
+
+
+async def test_stop_closes_sessions_still_open_after_the_grace(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    try:
+        assert (await _reply(reader)).startswith(b"220")
+        writer.write(b"EHLO client.test\r\n")
+        assert (await _reply(reader)).startswith(b"250")
+        await relay.listener.stop(grace=0.2)  # an idle session: closed when the grace ends
+        rest = await asyncio.wait_for(reader.read(), 10)  # closed by the relay: EOF
+        assert b"250 2.0.0 Ok: queued" not in rest
+        assert relay.listener.sessions == 0
+    finally:
+        writer.close()
