@@ -17,7 +17,7 @@ from smtp365.relay.queue import State
 from smtp365.relay.service import RelayService
 from smtp365.relay.users import UserDB
 from smtp365.sandbox import Sandbox, SandboxSettings
-from smtp365.sandbox.settings import FaultRule, FaultSettings
+from smtp365.sandbox.settings import FaultRule, FaultSettings, LimitSettings
 from tests.relay.service_helpers import ALICE, BOB, account, settings, settled, until
 
 
@@ -197,3 +197,40 @@ async def test_upstream_down_then_back_everything_arrives(tmp_path: Path) -> Non
             assert sorted(m.subject for m in back.store.list()) == [f"d{i}" for i in range(5)]
         finally:
             await back.stop()
+
+
+async def test_30_per_minute_scaled_down_no_throttle_and_over_90_percent_used(
+    tmp_path: Path,
+) -> None:
+    # Exchange's 30 messages a minute, with the minute scaled down to 3 s on both sides.
+    limit, window, n = 30, 3.0, 75
+    sb = Sandbox(
+        tmp_path / "sbx",
+        SandboxSettings(
+            limits=LimitSettings(messages_per_minute=limit, rate_window_seconds=window)
+        ),
+    )
+    await sb.start()
+    try:
+        budget = {"messages_per_minute": limit, "minute": window}
+        cfg = settings(sb, tmp_path / "relay", relay={"budget": budget, "processes": 2})
+        async with RelayService(cfg) as relay:
+            port = relay.listeners[0].port
+            for i in range(n):  # as fast as a client can: most of them wait in the queue
+                await asyncio.to_thread(smtp_send, port, ALICE, ["x@example.net"], body(f"r{i}"))
+            await settled(relay, timeout=30)
+            assert relay.queue is not None
+            delivered = await relay.queue.list(State.DELIVERED)
+        assert sb.stats.throttle_replies == 0
+        assert len(sb.store.list()) == n
+        done = sorted(m.finished_at or 0.0 for m in delivered)
+        # The client is faster than the budget, so the relay can send `limit` messages per
+        # window and no more: the fastest possible finish is (n - 1) // limit windows after
+        # the first message. Budget used = that time / the time the relay took.
+        fastest = window * ((n - 1) // limit)
+        used = fastest / (done[-1] - done[0])
+        print(f"{n} messages in {done[-1] - done[0]:.2f} s (fastest allowed {fastest:.2f} s):")
+        print(f"{used:.1%} of the budget used")
+        assert used >= 0.9
+    finally:
+        await sb.stop()
