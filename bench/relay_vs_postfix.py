@@ -135,6 +135,19 @@ def _kb(path: str, key: str) -> int:
     return 0
 
 
+def cpu_seconds(root: int) -> float:
+    """CPU time (user + system, including reaped children) of root's process tree."""
+    ticks = 0
+    for pid in tree(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Sample:
     rss_kb: int
@@ -268,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.5)
         if result["error"] is None:
             base = sink_count(sink_log)
+            cpu0 = cpu_seconds(args.root_pid)
             t0 = time.monotonic()
             rc, accepted_s = run_source(args, args.n, log)
             if rc != 0:
@@ -283,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
                     else:
                         result["e2e_s"] = at - t0
                         result["e2e_rate"] = args.n / (at - t0)
+                # Receiving and (where it forwards) delivering, over the server's processes.
+                result["cpu_ms"] = (cpu_seconds(args.root_pid) - cpu0) * 1000 / args.n
     sampler.stop()
     result["peak_rss_kb"] = sampler.peak_rss_kb
     result["peak_pss_kb"] = sampler.peak_pss_kb
@@ -299,6 +315,8 @@ def _line(r: dict[str, Any]) -> str:
         parts.append(f"accepted {r['accepted_rate']:.1f} msg/s")
     if "e2e_rate" in r:
         parts.append(f"end-to-end {r['e2e_rate']:.1f} msg/s")
+    if "cpu_ms" in r:
+        parts.append(f"CPU {r['cpu_ms']:.2f} ms/msg")
     parts.append(f"peak RSS {r['peak_rss_kb'] / 1024:.1f} MiB in {r['peak_procs']} procs")
     if r["error"]:
         parts.append(f"ERROR: {r['error']}")
@@ -331,7 +349,7 @@ def table(path: Path, skipped: list[str]) -> int:
     )
     head = (
         f"{'server':<9} {'sessions':>8} {'accepted msg/s':>15} {'end-to-end msg/s':>17} "
-        f"{'peak RSS MiB':>13} {'peak PSS MiB':>13} {'procs':>6}"
+        f"{'CPU ms/msg':>11} {'peak RSS MiB':>13} {'peak PSS MiB':>13} {'procs':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -341,7 +359,8 @@ def table(path: Path, skipped: list[str]) -> int:
         e2e = _fmt(r.get("e2e_rate")) if r["forwards"] else "n/a (no fwd)"
         print(
             f"{r['server']:<9} {r['sessions']:>8} {_fmt(r.get('accepted_rate')):>15} "
-            f"{e2e:>17} {r['peak_rss_kb'] / 1024:>13.1f} {r['peak_pss_kb'] / 1024:>13.1f} "
+            f"{e2e:>17} {_fmt(r.get('cpu_ms'), 2):>11} "
+            f"{r['peak_rss_kb'] / 1024:>13.1f} {r['peak_pss_kb'] / 1024:>13.1f} "
             f"{r['peak_procs']:>6}" + (f"  ERROR: {r['error']}" if r["error"] else "")
         )
     for name in skipped:
@@ -352,7 +371,10 @@ def table(path: Path, skipped: list[str]) -> int:
             break
         print()
         print(f"ratios {other}/postfix")
-        print(f"{'sessions':>8} {'accepted':>9} {'end-to-end':>11} {'peak RSS':>9} {'peak PSS':>9}")
+        print(
+            f"{'sessions':>8} {'accepted':>9} {'end-to-end':>11} {'CPU/msg':>8} "
+            f"{'peak RSS':>9} {'peak PSS':>9}"
+        )
         for sessions in sorted({r["sessions"] for r in rows}):
             a, p = by.get((other, sessions)), by.get(("postfix", sessions))
             if a is None or p is None:
@@ -360,6 +382,7 @@ def table(path: Path, skipped: list[str]) -> int:
             print(
                 f"{sessions:>8} {_ratio(a.get('accepted_rate'), p.get('accepted_rate')):>9} "
                 f"{_ratio(a.get('e2e_rate'), p.get('e2e_rate')):>11} "
+                f"{_ratio(a.get('cpu_ms'), p.get('cpu_ms')):>8} "
                 f"{_ratio(a['peak_rss_kb'], p['peak_rss_kb']):>9} "
                 f"{_ratio(a['peak_pss_kb'], p['peak_pss_kb']):>9}"
             )

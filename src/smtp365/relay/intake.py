@@ -165,21 +165,25 @@ class Draft:
 
     # ------------------------------------------------------------ writing
 
-    def feed(self, line: bytes) -> None:
-        """One line of content including its CRLF (or a continuation piece)."""
+    def feed(self, data: bytes) -> None:
+        """The next piece of content: one or more whole lines, each ending in CRLF."""
         if self._headers is not None:
-            self._headers += line
-            if line in (b"\r\n", b"\n") or len(self._headers) > self._intake.header_limit:
+            self._headers += data
+            if (
+                self._headers.startswith(b"\r\n")
+                or b"\r\n\r\n" in self._headers
+                or len(self._headers) > self._intake.header_limit
+            ):
                 self._flush_head()
             return
-        self._write(line)
+        self._write(data)
 
     def _flush_head(self) -> None:
         assert self._headers is not None
         headers = bytes(self._headers)
         self._headers = None
-        end = headers.find(b"\r\n\r\n")
-        head = headers if end < 0 else headers[: end + 2]
+        end = -2 if headers.startswith(b"\r\n") else headers.find(b"\r\n\r\n")
+        head = headers if end == -1 else headers[: end + 2]
         if self.route.rewrite_to and self.envelope.sender != self.original_sender:
             rest = headers[len(head) :]
             head = rewrite_headers(head, self.route.rewrite_to, self.original_sender)

@@ -613,55 +613,68 @@ class RelaySMTP(SMTP):
 
     async def _receive(self, draft: Draft) -> str | None:
         """Read DATA up to ``<CR><LF>.<CR><LF>``, feeding ``draft`` while the message is
-        acceptable; returns the refusal reply, or ``None``."""
+        acceptable; returns the refusal reply, or ``None``.
+
+        Works on whatever the socket delivered (up to 64 KiB at a time) rather than line by
+        line: the checks are searches and counts over the chunk's complete lines, and only
+        the incomplete last line is carried into the next round. Bytes after the end of data
+        (pipelined commands) go back to the reader."""
         limits = self._shared.config.limits
         normalize = self._shared.config.bare_newline == "normalize"
         reader = self._reader
-        at_line_start = True
-        line_len = 0
+        # `data` always starts at a line start, with the CRLF before that line in front of
+        # it, so "<CR><LF>.<CR><LF>" is found at the very start of DATA too.
+        pending = b"\r\n"
         size = 0
         problem: str | None = None
         while True:
-            try:
-                piece: bytes = await reader.readuntil(b"\r\n")
-                complete = True
-            except asyncio.LimitOverrunError as exc:
-                piece = await reader.read(exc.consumed)
-                complete = False
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise asyncio.IncompleteReadError(pending, None)
             self._reset_timeout()
-            if at_line_start:
-                if piece == b".\r\n":
-                    return problem
-                if piece.startswith(b"."):
-                    piece = piece[1:]
-            at_line_start = complete
-            line_len += len(piece)
-            if complete:
-                this_line, line_len = line_len, 0
+            data = pending + chunk
+            end = data.find(b"\r\n.\r\n")
+            if end >= 0:
+                lines, rest = data[: end + 2], data[end + 5 :]
+                if rest:
+                    buffer: Any = getattr(reader, "_buffer")  # noqa: B009
+                    buffer[:0] = rest
             else:
-                this_line = line_len
-            if problem is not None:
-                continue
-            body = piece[:-2] if complete else piece
-            if b"\x00" in body:
-                problem = "550 5.6.0 Message content contains NUL characters"
-                continue
-            if b"\r" in body or b"\n" in body:
-                if not normalize:
-                    problem = (
-                        "550 5.6.0 Message content contains bare CR or LF characters"
-                        " (only CRLF line ends are accepted)"
+                cut = data.rfind(b"\r\n")
+                lines, pending = data[: cut + 2], data[cut:]
+                if len(pending) - 2 > limits.max_line_length + 1:
+                    problem = problem or (
+                        f"500 5.5.0 Message line longer than {limits.max_line_length} characters"
                     )
-                    continue
-                piece = _BARE.sub(b"\r\n", body) + (b"\r\n" if complete else b"")
-            if this_line > limits.max_line_length:
-                problem = f"500 5.5.0 Message line longer than {limits.max_line_length} characters"
-                continue
-            size += len(piece)
-            if size > limits.max_message_size:
-                problem = "552 5.3.4 Message size exceeds fixed maximum message size"
-                continue
-            draft.feed(piece)
+                    pending = pending[-4:]  # enough to see the end of data arrive
+            if problem is None and len(lines) > 2:
+                content, problem = self._check(lines, normalize)
+                size += len(content)
+                if problem is None and size > limits.max_message_size:
+                    problem = "552 5.3.4 Message size exceeds fixed maximum message size"
+                if problem is None:
+                    draft.feed(content)
+            if end >= 0:
+                return problem
+
+    def _check(self, lines: bytes, normalize: bool) -> tuple[bytes, str | None]:
+        """The content of complete lines (``lines`` starts with the CRLF before the first
+        one) and the refusal reply they earn, or ``None``."""
+        if b"\x00" in lines:
+            return b"", "550 5.6.0 Message content contains NUL characters"
+        content = lines.replace(b"\r\n.", b"\r\n")[2:]  # undo dot-stuffing
+        limit = self._shared.config.limits.max_line_length
+        if len(content) > limit - 2 and max(map(len, content.split(b"\r\n"))) + 2 > limit:
+            return b"", f"500 5.5.0 Message line longer than {limit} characters"
+        crlf = content.count(b"\r\n")
+        if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+            if not normalize:
+                return b"", (
+                    "550 5.6.0 Message content contains bare CR or LF characters"
+                    " (only CRLF line ends are accepted)"
+                )
+            content = _BARE.sub(b"\r\n", content)
+        return content, None
 
 
 def bind(host: str, port: int, *, backlog: int = 511) -> list[socket.socket]:
