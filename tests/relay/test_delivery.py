@@ -303,3 +303,29 @@ async def test_sender_blocked_pauses_long_and_alerts(
     assert relay.worker.limiter.paused_until(ALICE) is not None
     assert any("ALERT" in r.message for r in caplog.records)
     assert not relay.failed
+
+
+async def test_deleted_during_its_delivery_is_logged_not_a_crash(
+    make_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = await make_relay()
+    relay.sb.faults.set("data", delay=1.0, times=1)  # the upstream is slow to answer DATA
+    qid, mid = await relay.send(1)
+
+    async def active() -> bool:
+        msg = await relay.queue.get(qid)
+        return msg is not None and msg.state is State.ACTIVE
+
+    await relay.until(active)
+    await relay.queue.delete(qid)
+    await relay.until(lambda: _true(mid in relay.arrived()))  # it went out all the same
+    _, later = await relay.send(2)
+    await relay.settled()
+    assert later in relay.arrived()
+    assert f"{qid} was deleted from the queue during its delivery attempt" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert qid not in relay.worker._done
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 
+from smtp365.errors import QueueError
 from smtp365.relay.queue import Queue, QueuedMessage
 from smtp365.relay.worker import Clock, Result, Worker
 
@@ -175,6 +176,17 @@ class Scheduler:
             self.results[result] += 1
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, QueueError) and not await self._still_queued(msg.id):
+                # `smtp365 queue delete` during the attempt: the outcome has nowhere to go.
+                log.warning("%s was deleted from the queue during its delivery attempt", msg.id)
+                self.worker.forget(msg.id)
+                return
             # A queue error: leave the message leased; the lease expiry hands it out again.
             log.exception("delivery of %s failed unexpectedly", msg.id)
+
+    async def _still_queued(self, queue_id: str) -> bool:
+        try:
+            return await self.queue.get(queue_id) is not None
+        except QueueError:
+            return True  # cannot tell: treat it as the unexpected error it is

@@ -255,6 +255,10 @@ class Worker:
 
     # -- delivery -------------------------------------------------------------
 
+    def forget(self, queue_id: str) -> None:
+        """Drop what is known about a message that left the queue behind the worker's back."""
+        self._done.pop(queue_id, None)
+
     async def deliver(self, msg: QueuedMessage, account_name: str) -> Result:
         """Deliver one claimed message and settle it in the queue; never raises for
         delivery problems (only for queue errors and cancellation)."""
