@@ -9,6 +9,7 @@ import random
 import shutil
 import smtplib
 import socket
+import sqlite3
 import threading
 import uuid
 from collections import Counter
@@ -107,6 +108,18 @@ async def test_bad_config_is_explained(run_cli: Run, tmp_path: Path) -> None:
     r = await run_cli("relay", "--config", str(tmp_path / "bad.toml"))
     assert r.code == 78
     assert "relay.listeners.0.mode" in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_queue_from_a_newer_version_exits_74(
+    run_cli: Run, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    queue = tmp_path / "relay" / "queue"
+    queue.mkdir(parents=True)
+    with sqlite3.connect(queue / "queue.db") as db:
+        db.execute("PRAGMA user_version = 999")
+    r = await run_cli("relay", "--config", str(config(tmp_path, sandbox)))
+    assert r.code == 74, r.stderr
+    assert "made by a newer smtp365" in r.stderr and "Traceback" not in r.stderr
 
 
 # --------------------------------------------------------------- real clients

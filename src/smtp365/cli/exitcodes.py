@@ -7,6 +7,7 @@ from smtp365.errors import (
     AuthError,
     ConfigError,
     MessageError,
+    QueueError,
     Smtp365Error,
     SubmissionRejected,
     TLSError,
@@ -19,6 +20,7 @@ DATAERR = 65  # EX_DATAERR: the message or an address is unusable
 NOINPUT = 66  # EX_NOINPUT: an input file is missing or unreadable
 UNAVAILABLE = 69  # EX_UNAVAILABLE: the server refused permanently (5xx)
 SOFTWARE = 70  # EX_SOFTWARE: an internal error
+IOERR = 74  # EX_IOERR: the relay's queue could not be read or written
 TEMPFAIL = 75  # EX_TEMPFAIL: try again later (4xx, network, quota window)
 PROTOCOL = 76  # EX_PROTOCOL: TLS could not be established safely
 NOPERM = 77  # EX_NOPERM: authentication refused or no credentials
@@ -41,6 +43,8 @@ def for_error(exc: Smtp365Error) -> int:
         return PROTOCOL
     if isinstance(exc, TransportError):
         return TEMPFAIL
+    if isinstance(exc, QueueError):
+        return IOERR
     if isinstance(exc, ValueError):  # bad input given on the command line (e.g. a domain)
         return USAGE
     return SOFTWARE
@@ -53,6 +57,7 @@ TABLE = [
     (NOINPUT, "an input file is missing or unreadable"),
     (UNAVAILABLE, "the server refused the message permanently (5xx)"),
     (SOFTWARE, "internal error (please report it)"),
+    (IOERR, "the relay's queue could not be used (see the message; storage trouble is 75)"),
     (TEMPFAIL, "temporary failure: network, timeout, 4xx, quota window; try again later"),
     (PROTOCOL, "TLS could not be established safely (certificate, STARTTLS missing or tampered)"),
     (NOPERM, "authentication refused or no credentials"),
