@@ -113,6 +113,15 @@ class QueueContract:
         with pytest.raises(QueueError, match="already delivered"):
             await queue.complete(qid, reply="250 again")
 
+    async def test_enqueue_under_an_id_chosen_before(self, queue: Queue) -> None:
+        first, second = queue.new_id(), queue.new_id()
+        assert first != second
+        assert await queue.enqueue(ENVELOPE, message(1), queue_id=second) == second
+        assert await queue.enqueue(ENVELOPE, message(2), queue_id=first) == first
+        assert await queue.read(second) == message(1)
+        with pytest.raises(QueueError, match="not a queue id"):
+            await queue.enqueue(ENVELOPE, message(3), queue_id="../../etc/passwd")
+
     async def test_enqueue_needs_a_recipient(self, queue: Queue) -> None:
         with pytest.raises(QueueError, match="recipient"):
             await queue.enqueue(Envelope("a@b.test", ()), b"x")

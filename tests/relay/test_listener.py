@@ -69,6 +69,7 @@ async def test_accepted_message_is_queued_byte_exact(make_relay: MakeRelay) -> N
     head = content[: -len(MESSAGE)].decode()
     assert head.startswith("Received: from client.example ([127.0.0.1])\r\n\tby relay.test")
     assert "with ESMTP" in head and head.endswith("\r\n")
+    assert f"\tid {msg.id};" in head  # the queue id: `smtp365 queue show` finds it
     assert all(line.startswith(("Received:", "\t")) for line in head.splitlines())
 
 

@@ -25,7 +25,6 @@ import datetime as dt
 import logging
 import os
 import re
-import secrets
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -154,7 +153,7 @@ class Draft:
         if rewrite and rewrite.lower() != envelope.sender.lower():
             envelope = Envelope(sender=rewrite, recipients=envelope.recipients)
         self.envelope = envelope
-        self.txn_id = secrets.token_hex(6).upper()
+        self.queue_id = intake.queue.new_id()  # known now: the Received: header names it
         self.message_id = ""
         self._headers: bytearray | None = bytearray()  # None once the head is written
         self._mem = bytearray()
@@ -189,7 +188,7 @@ class Draft:
             head = rewrite_headers(head, self.route.rewrite_to, self.original_sender)
             headers = head + rest
         found = _MESSAGE_ID.search(head)
-        prefix = self._intake.received(self.client, self.envelope, self.txn_id)
+        prefix = self._intake.received(self.client, self.envelope, self.queue_id)
         if found is not None:
             self.message_id = found.group(1).strip().decode("ascii", "replace")
         else:
@@ -235,6 +234,7 @@ class Draft:
                 message_id=self.message_id,
                 account=self.route.account,
                 client=self.client.queue_client,
+                queue_id=self.queue_id,
             )
         finally:
             self._mem = bytearray()
@@ -242,10 +242,8 @@ class Draft:
                 with contextlib.suppress(OSError):
                     self._path.unlink()  # the queue did not take it (error)
         log.info(
-            "accepted %s (txn %s) from [%s] %s sender=<%s>%s recipients=%d size=%d "
-            "account=%s msgid=%s",
+            "accepted %s from [%s] %s sender=<%s>%s recipients=%d size=%d account=%s msgid=%s",
             queue_id,
-            self.txn_id,
             self.client.ip,
             self.client.identity,
             self.envelope.sender,
@@ -327,14 +325,14 @@ class Intake:
         self.validate(envelope)
         return Draft(self, client, envelope)
 
-    def received(self, client: ClientInfo, envelope: Envelope, txn_id: str) -> bytes:
+    def received(self, client: ClientInfo, envelope: Envelope, queue_id: str) -> bytes:
         helo = _clean(client.helo) or "unknown"
         ip = client.ip if ":" not in client.ip else f"IPv6:{client.ip}"
         lines = [f"Received: from {helo} ([{ip}])"]
         lines.append(f"\tby {self.hostname} (smtp365 relay) with {client.protocol}")
         if client.tls:
             lines[-1] += f" (version={_clean(client.tls)})"
-        lines.append(f"\tid {txn_id}")
+        lines.append(f"\tid {queue_id}")
         if len(envelope.recipients) == 1:
             lines[-1] += f" for <{_clean(envelope.recipients[0])}>"
         when = format_datetime(dt.datetime.now(dt.UTC))

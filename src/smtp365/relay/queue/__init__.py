@@ -132,6 +132,11 @@ class QueueStats:
 class Queue(Protocol):
     """Durable message store with leases. Unknown ids and forbidden moves raise QueueError."""
 
+    def new_id(self) -> str:
+        """A fresh queue id, for a message whose id must be known before it is stored (the
+        listener writes it into the Received: header)."""
+        ...
+
     async def enqueue(
         self,
         envelope: Envelope,
@@ -140,8 +145,10 @@ class Queue(Protocol):
         message_id: str = "",
         account: str | None = None,
         client: str = "",
+        queue_id: str | None = None,
     ) -> str:
-        """Store a message durably and return its queue id.
+        """Store a message durably and return its queue id (``queue_id`` from
+        :meth:`new_id`, or a new one).
 
         A path is taken over: moved into the queue's storage (or copied, then removed).
         """

@@ -662,6 +662,9 @@ class SqliteQueue:
             raise
         return _Stored(size=size, spool=final, consumed=source)
 
+    def new_id(self) -> str:
+        return self._ids()
+
     async def enqueue(
         self,
         envelope: Envelope,
@@ -670,11 +673,15 @@ class SqliteQueue:
         message_id: str = "",
         account: str | None = None,
         client: str = "",
+        queue_id: str | None = None,
     ) -> str:
         with self._call():
             if not envelope.recipients:
                 raise QueueError("a message needs at least one recipient", temporary=False)
-            queue_id = self._ids()
+            if queue_id is None:
+                queue_id = self._ids()
+            elif not is_queue_id(queue_id):
+                raise QueueError(f"{queue_id!r} is not a queue id", temporary=False)
             now = self._clock()
             loop = asyncio.get_running_loop()
             try:
