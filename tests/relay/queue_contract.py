@@ -122,6 +122,25 @@ class QueueContract:
         with pytest.raises(QueueError, match="not a queue id"):
             await queue.enqueue(ENVELOPE, message(3), queue_id="../../etc/passwd")
 
+    async def test_defer_keeps_only_the_recipients_left(
+        self, queue: Queue, clock: FakeClock
+    ) -> None:
+        envelope = Envelope("a@b.test", ("x@c.test", "y@c.test", "z@c.test"))
+        qid = await queue.enqueue(envelope, message(1))
+        [msg] = await queue.claim(1, 60)
+        with pytest.raises(QueueError, match="recipients left"):
+            await queue.defer(qid, until=clock.now, reason="r", recipients=["w@c.test"])
+        with pytest.raises(QueueError, match="recipients left"):
+            await queue.defer(qid, until=clock.now, reason="r", recipients=[])
+        await queue.defer(
+            qid, until=clock.now, reason="y done", recipients=["x@c.test", "z@c.test"]
+        )
+        [again] = await queue.claim(1, 60)
+        assert again.recipients == ("x@c.test", "z@c.test")
+        await queue.defer(qid, until=clock.now, reason="no change")
+        [third] = await queue.claim(1, 60)
+        assert third.recipients == ("x@c.test", "z@c.test") and msg.id == qid
+
     async def test_enqueue_needs_a_recipient(self, queue: Queue) -> None:
         with pytest.raises(QueueError, match="recipient"):
             await queue.enqueue(Envelope("a@b.test", ()), b"x")

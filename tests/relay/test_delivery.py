@@ -97,6 +97,7 @@ async def make_relay(tmp_path: Path) -> AsyncIterator[RelayFactory]:
         limits: Limits | None = None,
         policy: DeliveryPolicy | None = None,
         max_inflight: int = 8,
+        backoff: Backoff | None = None,
     ) -> Relay:
         sb = Sandbox(tmp_path / "sbx", settings)
         await sb.start()
@@ -111,7 +112,7 @@ async def make_relay(tmp_path: Path) -> AsyncIterator[RelayFactory]:
             queue,
             {"alice": account_for(sb)},
             limiter=RateLimiter(limits or Limits()),
-            backoff=Backoff(base=0.2, cap=0.4, floor=0.1, rng=random.Random(1)),
+            backoff=backoff or Backoff(base=0.2, cap=0.4, floor=0.1, rng=random.Random(1)),
             policy=policy or DeliveryPolicy(max_budget_wait=10.0),
             on_failed=on_failed,
         )
@@ -329,3 +330,24 @@ async def test_deleted_during_its_delivery_is_logged_not_a_crash(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_recipients_done_are_not_sent_again_after_a_deferral(
+    make_relay: RelayFactory,
+) -> None:
+    relay = await make_relay(backoff=Backoff(base=3600, cap=3600, rng=random.Random(1)))
+    relay.sb.faults.set("rcpt", reply="451 4.3.0 Try again later", times=1)  # the first RCPT
+    qid, mid = await relay.send(1, rcpts=("a@example.net", "b@example.net"))
+
+    async def deferred() -> bool:
+        msg = await relay.queue.get(qid)
+        return msg is not None and msg.state is State.DEFERRED
+
+    await relay.until(deferred)
+    msg = await relay.queue.get(qid)
+    assert msg is not None and msg.recipients == ("a@example.net",)  # kept by the queue
+    await relay.queue.retry(qid)
+    relay.scheduler.wake()
+    await relay.settled()
+    got = sorted(r for m in relay.sb.store.list() if m.message_id == mid for r in m.rcpt_tos)
+    assert got == ["a@example.net", "b@example.net"]  # each exactly once

@@ -176,7 +176,7 @@ class Worker:
         self.on_failed = on_failed
         self._factory: TransportFactory = transport_factory or SmtpTransport
         self._pools: dict[str, ConnectionPool] = {}
-        self._done: dict[str, set[str]] = {}  # queue id -> recipients already accepted
+        self._done: dict[str, set[str]] = {}  # queue id -> accepted in the current attempt
         self._changed = asyncio.Event()
         self._stopping = False
 
@@ -408,7 +408,7 @@ class Worker:
             reason = "relay stopping"
         # Budget waits are not failed attempts: they never expire a message on their own.
         until = self.clock.time() + max(0.0, delay)
-        await self.queue.defer(msg.id, until=until, reason=reason)
+        await self.queue.defer(msg.id, until=until, reason=reason, recipients=self._left(msg))
         log.info("deferred %s until budget frees (%.1f s): %s", msg.id, delay, reason)
 
     async def _defer(self, msg: QueuedMessage, reason: str, *, delay: float | None = None) -> None:
@@ -419,8 +419,16 @@ class Worker:
         if until is None:
             await self._fail(msg, f"expired in the queue; last error: {reason}")
             raise _Outcome(Result.FAILED)
-        await self.queue.defer(msg.id, until=until, reason=reason)
+        await self.queue.defer(msg.id, until=until, reason=reason, recipients=self._left(msg))
         log.info("deferred %s for %.1f s: %s", msg.id, until - now, reason)
+
+    def _left(self, msg: QueuedMessage) -> list[str] | None:
+        """The recipients still to do when this attempt got some through (the queue keeps
+        them, so a restart does not send to the others again); ``None``: all of them."""
+        done = self._done.pop(msg.id, set())
+        if not done:
+            return None
+        return [r for r in msg.recipients if r not in done] or None
 
     async def _fail(self, msg: QueuedMessage, reason: str) -> None:
         done = self._done.pop(msg.id, set())

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -169,8 +169,19 @@ class Queue(Protocol):
         """The upstream accepted it: delivered, with ``reply`` kept in the log."""
         ...
 
-    async def defer(self, queue_id: str, *, until: float, reason: str) -> None:
-        """A temporary failure: try again at ``until``. A held message stays held."""
+    async def defer(
+        self,
+        queue_id: str,
+        *,
+        until: float,
+        reason: str,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
+        """A temporary failure: try again at ``until``. A held message stays held.
+
+        ``recipients``: those still to be sent to, when the attempt got some of them
+        through (a non-empty subset of the message's recipients); the others are done and
+        are not sent to again, even after a restart."""
         ...
 
     async def fail(self, queue_id: str, *, reason: str) -> None:

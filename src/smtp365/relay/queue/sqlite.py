@@ -587,7 +587,8 @@ class SqliteQueue:
     @staticmethod
     def _row(conn: sqlite3.Connection, queue_id: str) -> sqlite3.Row:
         row = conn.execute(
-            "SELECT state, attempts, claimed_at, body FROM messages WHERE id = ?", (queue_id,)
+            "SELECT state, attempts, claimed_at, body, recipients FROM messages WHERE id = ?",
+            (queue_id,),
         ).fetchone()
         if row is None:
             raise _unknown(queue_id)
@@ -838,9 +839,17 @@ class SqliteQueue:
         claimed = row["claimed_at"]
         return None if claimed is None else max(now - claimed, 0.0)
 
-    async def defer(self, queue_id: str, *, until: float, reason: str) -> None:
+    async def defer(
+        self,
+        queue_id: str,
+        *,
+        until: float,
+        reason: str,
+        recipients: Sequence[str] | None = None,
+    ) -> None:
         with self._call():
             now = self._clock()
+            left = list(recipients) if recipients is not None else None
 
             def run(conn: sqlite3.Connection) -> tuple[None, list[Path]]:
                 row = self._row(conn, queue_id)
@@ -853,6 +862,17 @@ class SqliteQueue:
                     " lease_until = NULL WHERE id = ?",
                     (new_state.value, until, reason, queue_id),
                 )
+                if left is not None:
+                    current = json.loads(row["recipients"])
+                    if not left or not set(left) <= set(current):
+                        raise QueueError(
+                            f"{queue_id}: the recipients left must be some of {current}",
+                            temporary=False,
+                        )
+                    conn.execute(
+                        "UPDATE messages SET recipients = ? WHERE id = ?",
+                        (json.dumps(left), queue_id),
+                    )
                 self._log(
                     conn,
                     queue_id,
