@@ -55,6 +55,7 @@ class ClientInfo:
     esmtp: bool = True
     user: str | None = None  # authenticated user name
     identity: str = ""  # the policy identity, e.g. "user scanner" / "network lan"
+    network: str | None = None  # the allow-listed network's name, when not authenticated
 
     @property
     def protocol(self) -> str:

@@ -581,6 +581,7 @@ class RelaySMTP(SMTP):
             esmtp=bool(self.session.extended_smtp),
             user=self._user,
             identity=str(identity) if identity is not None else "",
+            network=identity.name if identity is not None and identity.kind == "network" else None,
         )
         envelope = Envelope(self.envelope.mail_from, tuple(self.envelope.rcpt_tos))
         try:

@@ -98,7 +98,7 @@ class RelayService:
 
     def route(self, client: ClientInfo, envelope: Envelope) -> Route:
         """The first ``[[relay.routes]]`` entry that matches, else the default account."""
-        network = client.identity.removeprefix("network ") if client.user is None else None
+        network = client.network if client.user is None else None
         for rule in self.config.routes:
             if rule.sender is not None and not sender_allowed([rule.sender], envelope.sender):
                 continue
