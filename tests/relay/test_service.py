@@ -145,6 +145,20 @@ async def test_routes_pick_the_account_by_sender(sandbox: Sandbox, tmp_path: Pat
     assert sent == {"b": (BOB, BOB), "a": (ALICE, ALICE)}
 
 
+async def test_routes_pick_the_account_by_client_network(sandbox: Sandbox, tmp_path: Path) -> None:
+    relay_table = {
+        "networks": [{"cidr": "127.0.0.0/8", "name": "printers"}],
+        "routes": [{"client": "Printers", "account": "bob", "rewrite_sender": True}],
+    }
+    cfg = settings(sandbox, tmp_path / "relay", relay=relay_table, bob=account(sandbox, BOB))
+    async with RelayService(cfg) as relay:
+        port = relay.listeners[0].port
+        await asyncio.to_thread(smtp_send, port, "scan@printer.local", ["x@example.net"], body("p"))
+        await settled(relay)
+    [sent] = sandbox.store.list()
+    assert (sent.mailbox, sent.mail_from) == (BOB, BOB)
+
+
 async def test_permanent_failure_bounces_to_the_sender(tmp_path: Path) -> None:
     faults = FaultSettings(
         rcpt=FaultRule(reply="550 5.1.10 RESOLVER.ADR.RecipientNotFound", times=1)
