@@ -10,10 +10,12 @@ on disk, nothing leaves 127.0.0.1). Figures are printed, never asserted.
    deferred: the relay keeps them all queued and its scheduler claims, tries and defers
    them the whole time. The relay starts on a copy of that directory and on an empty one
    (the baseline), once with ``processes = 1`` and once with the default (0: one per core,
-   the extra ones being ``smtp365.relay.procs`` intake helpers). RSS and PSS (from
-   ``/proc/PID/smaps_rollup``) of the main process plus its helpers are sampled every
-   100 ms from launch until ``--seconds`` after it logged "ready"; printed: the peaks, the
-   RSS at "ready" and at the end, and the ratios full/empty.
+   the extra ones being ``smtp365.relay.procs`` intake helpers). Measured over the main
+   process plus its helpers: the start-up peak (the sum of their VmHWM once the relay
+   logged "ready" and every helper "serving"), then, for ``--seconds`` from there, RSS and
+   PSS (``/proc/PID/smaps_rollup``) sampled every 100 ms and the VmHWM reset at the start
+   of that window. Printed: RSS at the start and end of the window, its peaks, the number
+   of delivery attempts, and the ratios full/empty.
 
 2. **One 35 MB message.** A relay with ``processes = 1`` forwards to a sink in this script
    (a minimal SMTP server that discards what it gets). One message of ``--message-mib`` MiB
@@ -22,8 +24,8 @@ on disk, nothing leaves 127.0.0.1). Figures are printed, never asserted.
    ``/proc/PID/clear_refs`` before the send and again at the 250) is read at the 250 and
    once the relay logged the delivery. Printed: the increase over the RSS before the send,
    during intake (until the 250) and during delivery, in MB and as a multiple of the
-   message size. Intake streams the body to a file, so it should be well below 1x;
-   delivery reads the message back into memory.
+   message size: is the message held in memory (more than once) while it is accepted,
+   and while it is delivered?
 
     python bench/relay_memory.py [-n 100000] [--seconds 10] [--message-mib 34]
                                  [--only queue|large] [--dir DIR] [--keep]
@@ -716,6 +718,9 @@ def main() -> int:
             print()
         if args.only in (None, "large"):
             part_large(base, args.message_mib)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the relay was stopped", file=sys.stderr)
+        return 130
     finally:
         if args.keep:
             print(f"kept {base}")

@@ -14,8 +14,10 @@ from smtp365.auth import StaticTokenProvider
 from smtp365.config import Account, AccountSettings
 from smtp365.config.model import resolve
 from smtp365.errors import AuthenticationRejected, AuthError, BasicAuthWarning
+from smtp365.models import Envelope, Submission
 from smtp365.sandbox import Sandbox, SandboxSettings
 from smtp365.sandbox.settings import LimitSettings, MailboxSettings
+from smtp365.transport.smtp import SmtpTransport
 
 ALICE = "alice@contoso.test"
 BOB = "bob@contoso.test"
@@ -259,3 +261,30 @@ def test_sync_mailer_against_threaded_sandbox(tmp_path: Path) -> None:
             m.send(to="x@example.net", subject="sync 1", text="x")
             m.send(to="x@example.net", subject="sync 2", text="x")
         assert [s.subject for s in sb.store.list()] == ["sync 1", "sync 2"]
+
+
+@pytest.mark.parametrize(
+    ("content", "arrives"),
+    [
+        # CRLF only: dot-stuffed and written in chunks by the transport itself
+        (b".first line\r\n\r\n..two\r\n.\r\nend\r\n", None),
+        (b"Subject: big\r\n\r\n" + b".x" + b"y" * 996 + b"\r\n" + b"z" * 998 * 3000, None),
+        # bare LF and a missing final CRLF: aiosmtplib's own normalising path
+        (b"Subject: lf\n\n.dot\nlast", b"Subject: lf\r\n\r\n.dot\r\nlast\r\n"),
+    ],
+    ids=["dots", "3mb", "bare-lf"],
+)
+async def test_content_arrives_byte_exact(
+    sandbox: Sandbox, content: bytes, arrives: bytes | None
+) -> None:
+    if len(content) > 10_000:
+        content = b"\r\n".join(content[i : i + 998] for i in range(0, len(content), 998))
+        content += b"\r\n"
+    sub = Submission(Envelope(ALICE, ("someone@example.net",)), content)
+    async with SmtpTransport(account_for(sandbox)) as transport:
+        await transport.submit(sub)
+        await transport.submit(sub)  # the connection is still in step afterwards
+    stored = [sandbox.store.content(m.id) for m in sandbox.store.list()]
+    assert len(stored) == 2
+    for data in stored:
+        assert data.endswith(arrives or content)

@@ -35,6 +35,7 @@ import socket
 import ssl
 from base64 import b64decode
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AnyStr, Literal
@@ -462,7 +463,9 @@ class RelaySMTP(SMTP):
         if user is None:  # aborted or undecodable: already answered, still an attempt
             self._auth_failures += 1
             return
-        ok = bool(user) and await asyncio.to_thread(users.verify, user, password)
+        ok = bool(user) and await asyncio.get_running_loop().run_in_executor(
+            _auth_pool(), users.verify, user, password
+        )
         if not ok:
             self._auth_failures += 1
             # One stable line per failure, for fail2ban.
@@ -706,6 +709,16 @@ def bind(host: str, port: int, *, backlog: int = 511) -> list[socket.socket]:
 
 
 _COMMAND_NAMES: dict[str, list[str]] = {}
+_AUTH_POOL: list[ThreadPoolExecutor] = []
+
+
+def _auth_pool() -> ThreadPoolExecutor:
+    """One thread checks passwords, for all sessions of this process: each argon2 check
+    takes 64 MiB for a moment, so a burst of AUTH attempts queues here instead of taking
+    memory (and CPU) in proportion to the number of connections."""
+    if not _AUTH_POOL:
+        _AUTH_POOL.append(ThreadPoolExecutor(1, thread_name_prefix="smtp365-auth"))
+    return _AUTH_POOL[0]
 
 
 def _command_names(cls: type) -> list[str]:

@@ -81,7 +81,7 @@ class UserDB:
         self._hasher = hasher or PasswordHasher()
         self._lock = threading.Lock()
         self._users: dict[str, RelayUser] = {}
-        self._dummy_hash = self._hasher.hash("smtp365-dummy-password")
+        self._dummy_hash = ""  # made at the first verify: hashing takes argon2's 64 MiB
         self.reload()
 
     def __repr__(self) -> str:
@@ -188,6 +188,10 @@ class UserDB:
 
     def verify(self, user: str, password: str) -> bool:
         """Whether ``password`` is ``user``'s. CPU-bound (argon2): call it off the event loop."""
+        if not self._dummy_hash:
+            with self._lock:
+                if not self._dummy_hash:
+                    self._dummy_hash = self._hasher.hash("smtp365-dummy-password")
         entry = self._users.get(user)
         encoded = entry.password_hash if entry is not None else self._dummy_hash
         try:

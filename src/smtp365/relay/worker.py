@@ -275,7 +275,7 @@ class Worker:
             return Result.FAILED
         done = self._done.setdefault(msg.id, set())
         remaining = [r for r in msg.recipients if r not in done]
-        content = await self.queue.read(msg.id)
+        content: bytes | None = None  # read once a budget is granted, not while waiting
         limits = self.limiter.limits(mailbox)
         size = max(1, min(self.policy.max_recipients_per_message, limits.recipients_per_window))
         replies_seen: list[str] = []
@@ -287,6 +287,12 @@ class Worker:
             if grant is None:
                 await self._defer_for_budget(msg, mailbox, len(chunk))
                 return Result.DEFERRED
+            if content is None:
+                try:
+                    content = await self.queue.read(msg.id)
+                except BaseException:
+                    self._release(grant, counted=False)
+                    raise
             transport = pool.get()
             keep, counted = True, True
             try:
