@@ -415,7 +415,10 @@ class Worker:
         # Budget waits are not failed attempts: they never expire a message on their own.
         until = self.clock.time() + max(0.0, delay)
         await self.queue.defer(msg.id, until=until, reason=reason, recipients=self._left(msg))
-        log.info("deferred %s until budget frees (%.1f s): %s", msg.id, delay, reason)
+        if self._stopping:
+            log.info("%s back in the queue: the relay is stopping", msg.id)
+        else:
+            log.info("deferred %s until budget frees (%.1f s): %s", msg.id, delay, reason)
 
     async def _defer(self, msg: QueuedMessage, reason: str, *, delay: float | None = None) -> None:
         now = self.clock.time()
