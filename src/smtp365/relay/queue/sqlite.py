@@ -41,6 +41,14 @@ Durability (security.md §1), in this order, each step finished before the next:
   recovery deletes; after it, a complete message.
 * inline body: body row and message row in one transaction; the WAL commit is the fsync.
 
+Claims, deliveries and deferrals are committed with ``synchronous=NORMAL`` (written to the
+WAL, not fsync'd): a power cut may undo the last of them, and the message is then sent once
+more, as Postfix does when it loses a queue file's removal. Everything else, an enqueue
+above all, is ``FULL``; a ``FULL`` commit makes every earlier one durable too, and a spool
+file is removed only after the WAL holding the change that stopped naming it is fsync'd. A
+killed process loses nothing either way (the WAL is in the page cache). Per message that is
+one fsync at intake instead of three.
+
 Group commit: every change (enqueue, claim, complete, ...) goes to one writer thread, which
 runs whatever has piled up while it was busy in a single transaction (one SAVEPOINT per
 change, so one failing change does not take the others with it) and one fsync, then
@@ -176,6 +184,7 @@ class _Op:
     future: asyncio.Future[Any]
     sync_spool: bool
     abort_unlink: tuple[Path, ...]
+    durable: bool
 
 
 def _storage_error(exc: BaseException, doing: str) -> QueueError:
@@ -242,6 +251,7 @@ class SqliteQueue:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="smtp365-queue-reader")
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="smtp365-queue-io")
         self._wconn: sqlite3.Connection | None = None  # used on the writer thread only
+        self._synchronous = "FULL"  # the writer connection's setting (see _run_batch)
         self._rconn: sqlite3.Connection | None = None  # used on the reader thread only
         self._lock_fd = -1
         self._wlock_fd = -1
@@ -464,6 +474,7 @@ class SqliteQueue:
         *,
         sync_spool: bool = False,
         abort_unlink: tuple[Path, ...] = (),
+        durable: bool = True,
     ) -> T:
         """Run ``run`` in the writer's next transaction; return once it is committed.
 
@@ -471,7 +482,7 @@ class SqliteQueue:
         its changes are rolled back alone and ``abort_unlink`` files are removed.
         """
         loop = asyncio.get_running_loop()
-        op = _Op(run, loop.create_future(), sync_spool, abort_unlink)
+        op = _Op(run, loop.create_future(), sync_spool, abort_unlink, durable)
         self._pending.append(op)
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush(), name="smtp365-queue-commit")
@@ -509,10 +520,18 @@ class SqliteQueue:
             os.fsync(self._spool_fd)  # the renames into spool/ before the rows that name them
         outcomes: list[tuple[bool, Any]] = []
         unlink: list[Path] = []
+        synchronous = "FULL" if any(op.durable for op in batch) else "NORMAL"
+        if synchronous != self._synchronous:
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._synchronous = synchronous
         fcntl.flock(self._wlock_fd, fcntl.LOCK_EX)
         try:
             conn.execute("BEGIN IMMEDIATE")
             self._run_ops(conn, batch, outcomes, unlink)
+            if unlink and synchronous != "FULL":
+                # Files go only once the rows that stop naming them are on disk.
+                with contextlib.suppress(FileNotFoundError):  # no WAL: checkpointed, synced
+                    _fsync_path(Path(f"{self.db_path}-wal"))
         finally:
             fcntl.flock(self._wlock_fd, fcntl.LOCK_UN)
         for path in unlink:
@@ -776,7 +795,7 @@ class SqliteQueue:
                     claimed.append(self._message(row))
                 return claimed, []
 
-            return await self._write(run)
+            return await self._write(run, durable=False)
 
     async def read(self, queue_id: str) -> bytes:
         with self._call():
@@ -832,7 +851,7 @@ class SqliteQueue:
                 )
                 return None, [self._spool_path(queue_id)] if row["body"] == "spool" else []
 
-            await self._write(run)
+            await self._write(run, durable=False)
 
     @staticmethod
     def _duration(row: sqlite3.Row, now: float) -> float | None:
@@ -884,7 +903,7 @@ class SqliteQueue:
                 )
                 return None, []
 
-            await self._write(run)
+            await self._write(run, durable=False)
 
     async def fail(self, queue_id: str, *, reason: str) -> None:
         with self._call():
