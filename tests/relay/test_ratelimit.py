@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -122,3 +123,29 @@ def test_mailboxes_are_independent_and_case_insensitive() -> None:
     assert rl.try_acquire("A@X.test") is not None
     assert rl.try_acquire("a@x.test") is None
     assert rl.try_acquire("b@x.test") and rl.try_acquire("b@x.test")
+
+
+def test_window_totals_match_a_recount_under_random_use() -> None:
+    rng = random.Random(7)
+    window = SlidingWindow(limit=50, window=10.0)
+    settled: list[tuple[float, int]] = []
+    pending: dict[int, int] = {}
+    now = 0.0
+    for _ in range(5000):
+        now += rng.random() * 0.5
+        action = rng.random()
+        if action < 0.5:
+            weight = rng.randint(1, 5)
+            if window.earliest(now, weight) <= now:
+                pending[window.reserve(now, weight)] = weight
+        elif action < 0.8 and pending:
+            ticket = rng.choice(list(pending))
+            window.settle(ticket, now)
+            settled.append((now, pending.pop(ticket)))
+        elif pending:
+            ticket = rng.choice(list(pending))
+            window.cancel(ticket)
+            del pending[ticket]
+        recount = sum(w for t, w in settled if t > now - 10.0) + sum(pending.values())
+        assert window.used(now) == recount
+        assert recount <= 50

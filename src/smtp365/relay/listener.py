@@ -124,6 +124,9 @@ class _Shared:
 class _NoHooks:
     """aiosmtpd wants a handler object; all behaviour lives in :class:`RelaySMTP`."""
 
+    def __dir__(self) -> list[str]:
+        return []  # no hooks, no AUTH methods: nothing for aiosmtpd to look up per session
+
 
 class RelaySMTP(SMTP):
     """One client connection."""
@@ -145,6 +148,7 @@ class RelaySMTP(SMTP):
         self._closed_once = False
         self._deadline = 0.0
         self._fired = False
+        self._identity_cache: tuple[str | None, ClientIdentity | None] | None = None
         super().__init__(
             _NoHooks(),
             data_size_limit=limits.max_message_size,
@@ -215,7 +219,13 @@ class RelaySMTP(SMTP):
         return str(obj.version()) if obj is not None else ""
 
     def _identity(self) -> ClientIdentity | None:
-        return self._shared.policy.identity(self.client_ip, self._user, self._user_senders)
+        # Asked at MAIL, RCPT and DATA; it changes only with the user (AUTH, STARTTLS).
+        cached = self._identity_cache
+        if cached is not None and cached[0] == self._user:
+            return cached[1]
+        identity = self._shared.policy.identity(self.client_ip, self._user, self._user_senders)
+        self._identity_cache = (self._user, identity)
+        return identity
 
     def _auth_permitted(self) -> bool:
         return bool(self.tls_version()) or self._shared.policy.plain_auth_allowed(self.client_ip)

@@ -66,18 +66,21 @@ class SlidingWindow:
         self._times: list[float] = []  # settled completion times, sorted
         self._weights: list[int] = []  # parallel to _times
         self._pending: dict[int, int] = {}
+        self._settled = 0  # sum(_weights), kept as it changes: windows hold up to a day
+        self._held = 0  # sum(_pending.values())
         self._ids = itertools.count(1)
 
     def _prune(self, now: float) -> None:
         edge = now - self.window
         cut = bisect.bisect_right(self._times, edge)
         if cut:
+            self._settled -= sum(self._weights[:cut])
             del self._times[:cut]
             del self._weights[:cut]
 
     def used(self, now: float) -> int:
         self._prune(now)
-        return sum(self._weights) + sum(self._pending.values())
+        return self._settled + self._held
 
     def earliest(self, now: float, weight: int = 1) -> float:
         """The earliest time ``weight`` more units fit: ``now``, a later time, or ``inf``
@@ -85,8 +88,7 @@ class SlidingWindow:
         if weight > self.limit:
             return math.inf
         self._prune(now)
-        pending = sum(self._pending.values())
-        excess = sum(self._weights) + pending + weight - self.limit
+        excess = self._settled + self._held + weight - self.limit
         if excess <= 0:
             return now
         freed = 0
@@ -107,6 +109,7 @@ class SlidingWindow:
             raise ValueError("no room in the window: check earliest() first")
         ticket = next(self._ids)
         self._pending[ticket] = weight
+        self._held += weight
         return ticket
 
     def settle(self, ticket: int, at: float) -> None:
@@ -114,12 +117,14 @@ class SlidingWindow:
         weight = self._pending.pop(ticket, None)
         if weight is None:
             return
+        self._held -= weight
         i = bisect.bisect_right(self._times, at)
         self._times.insert(i, at)
         self._weights.insert(i, weight)
+        self._settled += weight
 
     def cancel(self, ticket: int) -> None:
-        self._pending.pop(ticket, None)
+        self._held -= self._pending.pop(ticket, 0)
 
 
 @dataclass(slots=True)
