@@ -76,7 +76,7 @@ async def relay_factory(tmp_path: Path) -> AsyncIterator[MakeRelay]:
             hostname=HOSTNAME,
             cert_file=cert_file,
             key_file=key_file,
-            limits=limits or Limits(),
+            limits=limits or Limits(auth_delay=0.001),
             **config,
         )
         listener = RelayListener(cfg, queue=queue, policy=RelayPolicy(networks), users=users)

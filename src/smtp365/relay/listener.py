@@ -9,6 +9,11 @@ DATA) is overridden. What it enforces (security.md §2-§5):
 * **AUTH** PLAIN/LOGIN against :class:`~smtp365.relay.users.UserDB`, offered and accepted
   only inside TLS (``538 5.7.11`` otherwise) unless the client's allow-listed network says
   ``allow_plain_auth``; after ``auth_attempts`` failures the next AUTH gets ``421`` and close.
+  Each failure is answered after a delay that doubles with the address's failures in the
+  last minute (0.5 s, 1 s, 2 s ... 30 s); at ``auth_failures_per_ip`` an address gets
+  ``421`` at AUTH until the minute has passed. One log line per failure: ``AUTH failed
+  from [IP]``. At most ``max_connections_per_client`` connections per address at once;
+  ``unknown_command_limit`` unknown commands, then ``421``.
 * **SMTP smuggling**: DATA is read by this module, not aiosmtpd: only ``<CR><LF>.<CR><LF>``
   ends it, and any bare CR, bare LF or NUL rejects the message (``550 5.6.0``), or with
   ``bare_newline="normalize"`` bare CR/LF become CRLF. One transaction per DATA.
@@ -73,7 +78,12 @@ class Limits:
     max_command_line: int = 512
     max_recipients: int = 1000
     hard_error_limit: int = 20
-    auth_attempts: int = 3
+    unknown_command_limit: int = 5
+    auth_attempts: int = 3  # per connection
+    auth_failures_per_ip: int = 10  # per minute, then 421 for that address
+    auth_delay: float = 0.5  # the first failure's 535 waits this long, doubling per failure
+    auth_delay_max: float = 30.0
+    max_connections_per_client: int = 50
     session_timeout: float = 300.0
 
 
@@ -119,6 +129,38 @@ class _Shared:
     tls_context: ssl.SSLContext | None
     sessions: set[RelaySMTP] = field(default_factory=set)
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # set when no session is open
+    per_client: collections.Counter[str] = field(default_factory=collections.Counter)
+    auth_failures: AuthFailures = field(default_factory=lambda: AuthFailures())
+
+
+class AuthFailures:
+    """Failed AUTH per client address over the last minute, for every session of a
+    listener in this process (each helper process keeps its own)."""
+
+    WINDOW = 60.0
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self) -> None:
+        self._by_ip: dict[str, collections.deque[float]] = {}
+
+    def count(self, ip: str, now: float) -> int:
+        times = self._by_ip.get(ip)
+        if times is None:
+            return 0
+        while times and times[0] <= now - self.WINDOW:
+            times.popleft()
+        if not times:
+            del self._by_ip[ip]
+            return 0
+        return len(times)
+
+    def add(self, ip: str, now: float) -> int:
+        """Record a failure; returns the failures of ``ip`` in the last minute."""
+        if len(self._by_ip) >= self.MAX_ADDRESSES:
+            for old in [k for k, t in self._by_ip.items() if t[-1] <= now - self.WINDOW]:
+                del self._by_ip[old]
+        self._by_ip.setdefault(ip, collections.deque()).append(now)
+        return self.count(ip, now)
 
 
 class _NoHooks:
@@ -149,6 +191,8 @@ class RelaySMTP(SMTP):
         self._deadline = 0.0
         self._fired = False
         self._identity_cache: tuple[str | None, ClientIdentity | None] | None = None
+        self._unknown = 0
+        self._counted: str | None = None  # the address counted in per_client
         super().__init__(
             _NoHooks(),
             data_size_limit=limits.max_message_size,
@@ -251,6 +295,13 @@ class RelaySMTP(SMTP):
         if text.startswith("220 ") and not self._greeted:
             self._greeted = True
         await super().push(status)
+        if text.startswith('500 Error: command "'):  # aiosmtpd's reply to an unknown verb
+            self._unknown += 1
+            if self._unknown >= self._shared.config.limits.unknown_command_limit:
+                log.warning("[%s] too many unknown commands; closing", self.client_ip)
+                await super().push("421 4.7.0 Error: too many unknown commands")
+                self._close()
+                return
         if text[:1] in ("4", "5") and not text.startswith("421"):
             self._errors += 1
             if self._errors >= self._shared.config.limits.hard_error_limit:
@@ -276,11 +327,28 @@ class RelaySMTP(SMTP):
         else:
             self._shared.sessions.add(self)
             self._shared.drained.clear()
+            ip = self.client_ip
+            self._shared.per_client[ip] += 1
+            self._counted = ip
+            limit = self._shared.config.limits.max_connections_per_client
+            if self._shared.per_client[ip] > limit:
+                log.warning("[%s] refused: more than %d connections at once", ip, limit)
+                self._closing = True
+                with contextlib.suppress(Exception):
+                    transport.write(  # type: ignore[attr-defined]
+                        b"421 4.7.0 Error: too many connections from your address\r\n"
+                    )
+                transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._closed_once:
             self._closed_once = True
             self._shared.sessions.discard(self)
+            if self._counted is not None:
+                per_client = self._shared.per_client
+                per_client[self._counted] -= 1
+                if per_client[self._counted] <= 0:
+                    del per_client[self._counted]
             if not self._shared.sessions:
                 self._shared.drained.set()
         super().connection_lost(error)
@@ -433,9 +501,20 @@ class RelaySMTP(SMTP):
         if self.envelope.mail_from is not None:
             await self.push("503 5.5.1 Error: AUTH not allowed during a mail transaction")
             return
-        if self._auth_failures >= self._shared.config.limits.auth_attempts:
+        limits = self._shared.config.limits
+        if self._auth_failures >= limits.auth_attempts:
             log.warning("[%s] too many AUTH attempts; closing", self.client_ip)
             await self.push("421 4.7.0 Error: too many authentication attempts")
+            self._close()
+            return
+        recent = self._shared.auth_failures.count(self.client_ip, self.loop.time())
+        if recent >= limits.auth_failures_per_ip:
+            log.warning(
+                "AUTH refused for [%s]: %d failures in the last minute; closing",
+                self.client_ip,
+                recent,
+            )
+            await self.push("421 4.7.0 Error: too many failed authentications, try later")
             self._close()
             return
         if not self._auth_permitted():
@@ -471,17 +550,14 @@ class RelaySMTP(SMTP):
             await self.push("504 5.5.4 Unrecognized authentication type")
             return
         if user is None:  # aborted or undecodable: already answered, still an attempt
-            self._auth_failures += 1
+            self._fail_auth(mechanism, "")
             return
         ok = bool(user) and await asyncio.get_running_loop().run_in_executor(
             _auth_pool(), users.verify, user, password
         )
         if not ok:
-            self._auth_failures += 1
-            # One stable line per failure, for fail2ban.
-            log.warning(
-                "AUTH failed from [%s]: mechanism=%s user=%r", self.client_ip, mechanism, user
-            )
+            delay = self._fail_auth(mechanism, user)
+            await asyncio.sleep(delay)  # a growing delay per address: guessing gets slow
             await self.push("535 5.7.8 Error: authentication failed")
             return
         entry = users.get(user)
@@ -489,6 +565,23 @@ class RelaySMTP(SMTP):
         self._user_senders = entry.senders if entry is not None else ()
         log.info("[%s] authenticated as %s", self.client_ip, user)
         await self.push("235 2.7.0 Authentication successful")
+
+    def _fail_auth(self, mechanism: str, user: str) -> float:
+        """Count a failed AUTH; returns how long to wait before answering it."""
+        self._auth_failures += 1
+        limits = self._shared.config.limits
+        recent = self._shared.auth_failures.add(self.client_ip, self.loop.time())
+        delay = float(min(limits.auth_delay_max, limits.auth_delay * 2 ** (recent - 1)))
+        # One stable line per failure, for fail2ban (contrib/fail2ban).
+        log.warning(
+            "AUTH failed from [%s]: mechanism=%s user=%r failures_last_minute=%d delay=%gs",
+            self.client_ip,
+            mechanism,
+            user,
+            recent,
+            delay,
+        )
+        return delay
 
     # ------------------------------------------------------------ MAIL / RCPT
 

@@ -284,6 +284,8 @@ class RelayService:
                 max_recipients=item.max_recipients,
                 session_timeout=item.session_timeout,
                 auth_attempts=item.auth_attempts,
+                auth_failures_per_ip=item.auth_failures_per_minute,
+                max_connections_per_client=item.max_connections_per_client,
             ),
             bare_newline=item.bare_newline,
         )

@@ -1,0 +1,160 @@
+"""Abuse limits of the listener (security.md §5): failed AUTH per address with a growing
+delay and then 421, connections per client address, unknown commands."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from smtp365.relay.listener import Limits
+from smtp365.relay.policy import NetworkRule
+
+from .listener_helpers import MakeRelay, Relay, relay_factory
+
+PLAIN_AUTH_OK = NetworkRule.parse("127.0.0.0/8", name="lan", allow_plain_auth=True)
+_FAILED = re.compile(
+    r"AUTH failed from \[(?P<ip>[^\]]+)\]: mechanism=PLAIN user='(?P<user>[^']*)' "
+    r"failures_last_minute=(?P<n>\d+) delay=(?P<delay>[\d.]+)s"
+)
+
+
+@pytest.fixture
+async def make_relay(tmp_path: Path) -> AsyncIterator[MakeRelay]:
+    async with relay_factory(tmp_path) as make:
+        yield make
+
+
+def _plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+class Client:
+    """A raw SMTP client from a chosen 127.0.0.x source address."""
+
+    def __init__(self, relay: Relay, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", relay.port), timeout=10, source_address=(source, 0)
+        )
+        self.file = self.sock.makefile("rb")
+
+    def reply(self) -> bytes:
+        lines = b""
+        while True:
+            line = self.file.readline()
+            if not line:
+                return lines
+            lines += line
+            if line[3:4] != b"-":
+                return lines
+
+    def say(self, line: str) -> bytes:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def _auth_round(relay: Relay, source: str, password: str, attempts: int) -> list[bytes]:
+    client = Client(relay, source)
+    try:
+        replies = [client.reply(), client.say("EHLO client.test")]
+        for _ in range(attempts):
+            replies.append(client.say(f"AUTH PLAIN {_plain('app', password)}"))
+            if replies[-1].startswith(b"421"):
+                break
+        return replies
+    finally:
+        client.close()
+
+
+async def test_failed_auth_per_address_delay_doubles_then_421(
+    make_relay: MakeRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = Limits(auth_delay=0.01, auth_delay_max=0.04, auth_failures_per_ip=5)
+    relay = await make_relay(networks=(PLAIN_AUTH_OK,), limits=limits)
+    relay.users.add("app", "right-password", ["*"])
+    caplog.set_level("WARNING", logger="smtp365")
+
+    # Two connections of wrong passwords from 127.0.0.1: 3 + 2 failures (3 per connection).
+    first = await asyncio.to_thread(_auth_round, relay, "127.0.0.1", "wrong", 3)
+    second = await asyncio.to_thread(_auth_round, relay, "127.0.0.1", "wrong", 2)
+    assert [r[:3] for r in first[2:] + second[2:]] == [b"535"] * 5
+    lines = [m for m in map(_FAILED.search, caplog.messages) if m]
+    assert [(m["ip"], m["user"], int(m["n"])) for m in lines] == [
+        ("127.0.0.1", "app", n) for n in range(1, 6)
+    ]
+    # The delay before each 535 doubles with the address's failures, up to the cap.
+    assert [float(m["delay"]) for m in lines] == [0.01, 0.02, 0.04, 0.04, 0.04]
+
+    # The address is now refused at AUTH, even with the right password ...
+    blocked = await asyncio.to_thread(_auth_round, relay, "127.0.0.1", "right-password", 1)
+    assert blocked[2].startswith(b"421 4.7.0"), blocked
+    assert any("AUTH refused for [127.0.0.1]: 5 failures" in m for m in caplog.messages)
+    # ... while another address signs in.
+    other = await asyncio.to_thread(_auth_round, relay, "127.0.0.2", "right-password", 1)
+    assert other[2].startswith(b"235"), other
+
+
+async def test_connections_per_client_address(make_relay: MakeRelay) -> None:
+    relay = await make_relay(limits=Limits(max_connections_per_client=3))
+    held: list[Client] = []
+
+    def crowd() -> tuple[list[bytes], bytes, bytes]:
+        held.extend(Client(relay) for _ in range(3))
+        greetings = [c.reply() for c in held]
+        fourth = Client(relay)
+        refused = fourth.reply() + fourth.file.read()  # 421, then the relay closes
+        fourth.close()
+        elsewhere = Client(relay, "127.0.0.3")
+        other = elsewhere.reply()
+        elsewhere.close()
+        return greetings, refused, other
+
+    def one_more() -> bytes:
+        again = Client(relay)
+        try:
+            return again.reply()
+        finally:
+            again.close()
+
+    try:
+        greetings, refused, other = await asyncio.to_thread(crowd)
+        assert all(g.startswith(b"220") for g in greetings)
+        assert refused == b"421 4.7.0 Error: too many connections from your address\r\n"
+        assert other.startswith(b"220")
+        held.pop().close()
+        per_client = relay.listener._shared.per_client
+        async with asyncio.timeout(10):
+            while per_client["127.0.0.1"] > 2:  # the relay has seen the close
+                await asyncio.sleep(0.01)
+        assert (await asyncio.to_thread(one_more)).startswith(b"220")
+    finally:
+        for c in held:
+            c.close()
+
+
+async def test_unknown_commands_then_421(make_relay: MakeRelay) -> None:
+    relay = await make_relay(limits=Limits(unknown_command_limit=3))
+
+    def run() -> list[bytes]:
+        client = Client(relay)
+        try:
+            replies = [client.reply(), client.say("EHLO client.test")]
+            for verb in ("FOO", "BAR", "BAZ"):
+                replies.append(client.say(verb))
+            replies.append(client.file.read())  # the relay closed the connection
+            return replies
+        finally:
+            client.close()
+
+    replies = await asyncio.to_thread(run)
+    assert [r[:3] for r in replies[2:5]] == [b"500", b"500", b"500"]
+    assert replies[5] == b"421 4.7.0 Error: too many unknown commands\r\n"  # then closed
