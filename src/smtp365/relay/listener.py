@@ -33,6 +33,7 @@ import asyncio
 import binascii
 import collections
 import contextlib
+import errno
 import logging
 import re
 import shutil
@@ -711,6 +712,9 @@ class RelaySMTP(SMTP):
                 log.error("[%s] could not queue a message: %s", self.client_ip, exc.what)
                 await self.push("451 4.3.0 Error: queue file write error")
                 return
+            except OSError as exc:
+                await self.push(_write_error(self.client_ip, exc))
+                return
             finally:
                 committed = True
             await self.push(f"250 2.0.0 Ok: queued as {queue_id}")
@@ -760,7 +764,10 @@ class RelaySMTP(SMTP):
                 if problem is None and size > limits.max_message_size:
                     problem = "552 5.3.4 Message size exceeds fixed maximum message size"
                 if problem is None:
-                    draft.feed(content)
+                    try:
+                        draft.feed(content)
+                    except OSError as exc:  # the disk filled up: read on to the end of data
+                        problem = _write_error(self.client_ip, exc)
             if end >= 0:
                 return problem
 
@@ -809,6 +816,14 @@ def bind(host: str, port: int, *, backlog: int = 511) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def _write_error(client_ip: str, exc: OSError) -> str:
+    """The reply for a message that could not be written (the client keeps it and retries)."""
+    log.error("[%s] could not write a message: %s", client_ip, exc.strerror or exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "452 4.3.1 Insufficient system storage"
+    return "451 4.3.0 Error: queue file write error"
 
 
 _COMMAND_NAMES: dict[str, list[str]] = {}

@@ -1,0 +1,117 @@
+"""A full disk, for real: the queue on a small tmpfs this test mounts. The relay answers
+``452 4.3.1`` at MAIL when space runs low (or at the end of a DATA during which the disk
+filled),
+acknowledged messages stay intact, and it accepts again once space returns."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from smtp365.relay.listener import Limits, ListenerConfig, RelayListener
+from smtp365.relay.policy import RelayPolicy
+from smtp365.relay.queue import State
+from smtp365.relay.queue.sqlite import SqliteQueue
+
+from .listener_helpers import LOCALHOST
+
+SIZE = "3m"
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={SIZE},mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+async def queue(small_fs: Path) -> AsyncIterator[SqliteQueue]:
+    q = await SqliteQueue.open(small_fs / "queue")
+    yield q
+    await q.close()
+
+
+def message(size: int) -> tuple[str, bytes]:
+    mid = f"<{uuid.uuid4().hex}@disk.test>"
+    head = f"From: a@corp.example\r\nTo: t@x.example\r\nMessage-ID: {mid}\r\n\r\n".encode()
+    line = b"x" * 78 + b"\r\n"
+    return mid, head + line * (size // len(line))
+
+
+def send(port: int, data: bytes) -> tuple[int, bytes]:
+    """(reply code, reply text) of the first refusal, or of the final 250."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo("lan.example")
+        code, text = smtp.docmd("MAIL FROM:<a@corp.example>")
+        if code != 250:
+            return code, text
+        smtp.rcpt("t@x.example")
+        return smtp.data(data)
+
+
+@pytest.mark.parametrize("min_free", [None, 0], ids=["at-mail", "during-data"])
+async def test_full_disk_refuses_keeps_what_was_acked_and_recovers(
+    queue: SqliteQueue, small_fs: Path, min_free: int | None
+) -> None:
+    cfg = ListenerConfig(
+        host="127.0.0.1",
+        port=0,
+        hostname="relay.test",
+        limits=Limits(max_message_size=400_000),
+        min_free_bytes=min_free,  # None: 1.5 x the size limit; 0: never refuse at MAIL
+    )
+    listener = RelayListener(cfg, queue=queue, policy=RelayPolicy([LOCALHOST]))
+    await listener.start()
+    ballast = small_fs / "ballast"  # someone else's file, removed later
+    ballast.write_bytes(b"\0" * 1_000_000)
+    try:
+        acked: dict[str, bytes] = {}
+        refusal: tuple[int, bytes] | None = None
+        for _ in range(40):  # 3 MB of disk, 1 MB taken, 200 KB messages: full well before 40
+            mid, data = message(200_000)
+            code, text = await asyncio.to_thread(send, listener.port, data)
+            if code != 250:
+                refusal = (code, text)
+                break
+            acked[text.decode().rsplit(" ", 1)[-1]] = data
+        assert refusal is not None, "the disk never filled"
+        # At MAIL (free space checked), or at the end of DATA when the disk filled while the
+        # message was being written: then the rest of the data was read and dropped, never
+        # taken for commands.
+        assert refusal == (452, b"4.3.1 Insufficient system storage")
+        assert len(acked) >= 3
+
+        # Everything acknowledged is there, byte-exact; nothing half-written is left over.
+        assert {m.id for m in await queue.list(State.QUEUED)} == set(acked)
+        for queue_id, data in acked.items():
+            assert (await queue.read(queue_id)).endswith(data)
+        assert list(queue.incoming_dir.iterdir()) == []
+
+        # Space returns: accepted again.
+        ballast.unlink()
+        mid, data = message(200_000)
+        code, text = await asyncio.to_thread(send, listener.port, data)
+        assert code == 250, (code, text)
+        queue_id = text.decode().rsplit(" ", 1)[-1]
+        assert (await queue.read(queue_id)).endswith(data)
+        assert len(await queue.list(State.QUEUED)) == len(acked) + 1
+    finally:
+        await listener.stop()
