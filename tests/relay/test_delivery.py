@@ -351,3 +351,41 @@ async def test_recipients_done_are_not_sent_again_after_a_deferral(
     await relay.settled()
     got = sorted(r for m in relay.sb.store.list() if m.message_id == mid for r in m.rcpt_tos)
     assert got == ["a@example.net", "b@example.net"]  # each exactly once
+
+
+@pytest.mark.parametrize(
+    ("stage", "fault"),
+    [
+        ("greeting", {"reply": "421 4.3.2 Service not available, closing channel"}),
+        ("ehlo", {"drop": True}),
+        ("starttls", {"reply": "454 4.7.0 TLS not available due to temporary reason"}),
+        ("auth", {"reply": "454 4.7.0 Temporary authentication failure"}),
+        ("mail", {"delay": 0.3}),
+        ("data", {"drop": True}),
+        ("data", {"reply": "421 4.4.2 Connection dropped"}),
+    ],
+    ids=[
+        "421-greeting",
+        "drop-ehlo",
+        "starttls-454",
+        "auth-454",
+        "slow-mail",
+        "drop-data",
+        "421-data",
+    ],
+)
+async def test_upstream_faults_lose_nothing_and_leave_nothing_stuck(
+    make_relay: RelayFactory, stage: str, fault: dict[str, Any]
+) -> None:
+    relay = await make_relay()
+    relay.sb.faults.set(stage, times=3, **fault)  # type: ignore[arg-type]
+    mids = [(await relay.send(i))[1] for i in range(6)]
+    await relay.settled(timeout=20)
+    stats = await relay.queue.stats()
+    assert stats[State.DELIVERED] == 6 and stats.pending == 0 and stats[State.FAILED] == 0
+    arrived = [m.message_id for m in relay.sb.store.list()]
+    assert set(mids) <= set(arrived)
+    duplicates = len(arrived) - len(set(arrived))
+    print(f"{stage} {fault}: 6 delivered, {duplicates} duplicate(s) upstream")
+    assert not relay.failed
+    assert relay.sb.faults.fired[stage] == 3  # type: ignore[index]
