@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE ?= .state/demo
 
-.PHONY: run test check lint types arch bench clean
+.PHONY: run test check lint types arch bench soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,9 @@ arch: $(STAMP)
 check: lint types arch test
 
 ## bench: performance figures (printed, never asserted)
+soak: $(STAMP)
+	SOAK_MESSAGES=$${SOAK_MESSAGES:-10000} $(BIN)/python -m pytest -q -s --timeout=0 tests/e2e/test_soak.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/send_throughput.py
 	$(BIN)/python bench/doctor_time.py
