@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE ?= .state/demo
 
-.PHONY: run test check lint types arch bench soak clean
+.PHONY: run test check lint types arch bench soak fuzz clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ check: lint types arch test
 ## bench: performance figures (printed, never asserted)
 soak: $(STAMP)
 	SOAK_MESSAGES=$${SOAK_MESSAGES:-10000} $(BIN)/python -m pytest -q -s --timeout=0 tests/e2e/test_soak.py
+
+fuzz: $(STAMP)
+	seed=$${FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; echo "FUZZ_SEED=$$seed"; \
+	FUZZ_SEED=$$seed FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-3000} \
+	$(BIN)/python -m pytest -q -s --timeout=0 tests/relay/test_fuzz_listener.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/send_throughput.py
