@@ -570,3 +570,35 @@ async def test_stop_closes_sessions_still_open_after_the_grace(make_relay: MakeR
         assert relay.listener.sessions == 0
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"Subject: caf\xc3\xa9 \xff\xfe\r\n\r\n8-bit body \xe9\xe8 without BODY=8BITMIME\r\n",
+        b"no colon in this header line\r\nSubject x\r\n\r\nbody\r\n",
+        b"Subject: no blank line and no body\r\n",
+        b"\r\nno headers at all\r\n",
+        b"X-Long: " + b"a" * 900 + b"\r\n" + b"X-Fold: b\r\n\tc\r\n" * 3000 + b"\r\nbody\r\n",
+    ],
+    ids=["8bit-without-8bitmime", "no-colon", "no-body", "no-headers", "huge-header-section"],
+)
+async def test_odd_content_is_kept_byte_exact(make_relay: MakeRelay, content: bytes) -> None:
+    relay = await make_relay(networks=(LOCALHOST,))
+
+    def send() -> tuple[int, bytes]:
+        with relay.connect() as smtp:
+            smtp.ehlo("client.example")
+            smtp.mail("app@corp.example")  # no BODY=8BITMIME, whatever the content
+            smtp.rcpt("t@foreign.example")
+            return smtp.data(content)
+
+    code, _ = await asyncio.to_thread(send)
+    assert code == 250
+    [msg] = await relay.queue.list()
+    stored = await relay.queue.read(msg.id)
+    # What the relay adds goes in front (Received:, and Message-ID: when there is none).
+    assert stored.endswith(content)
+    added = stored[: -len(content)]
+    assert added.startswith(b"Received: from client.example")
+    assert added.count(b"Message-ID:") == 1
