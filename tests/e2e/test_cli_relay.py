@@ -1,11 +1,10 @@
 """``smtp365 relay`` as a process, with real clients (smtplib, swaks, curl, a legacy HELO-only
-client) and real signals (SIGTERM: graceful; SIGKILL: nothing that got 250 is lost)."""
+client) and real signals (SIGTERM: graceful). The kill -9 soak (test_soak.py) uses ``Sender``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import shutil
 import smtplib
 import socket
@@ -277,7 +276,7 @@ async def test_sigterm_finishes_then_restart_delivers_the_rest(
     assert len(sandbox.store.list()) == 6
 
 
-# --------------------------------------------------------------- kill -9
+# --------------------------------------------------------------- load (for the soak)
 
 
 class Sender:
@@ -311,39 +310,3 @@ class Sender:
         self.stop.set()
         for t in self.threads:
             t.join(10)
-
-
-async def test_kill_9_at_random_moments_loses_nothing_that_got_250(
-    sandbox: Sandbox, tmp_path: Path
-) -> None:
-    rng = random.Random()
-    seed = rng.randrange(1 << 30)
-    rng.seed(seed)
-    cfg = config(tmp_path, sandbox)
-    relay = await RelayProcess(cfg, cwd=tmp_path).start()
-    port = relay.port
-    # Every restart uses the same port, so the senders keep going.
-    cfg = config(
-        tmp_path, sandbox, listeners=[{"host": "127.0.0.1", "port": port, "mode": "plain"}]
-    )
-    ports = {"plain": port}
-    rounds = 6
-    with Sender(ports) as sender:
-        for _ in range(rounds):
-            await asyncio.sleep(rng.uniform(0.3, 1.2))  # a random moment of the load
-            await relay.kill()
-            relay = await RelayProcess(cfg, cwd=tmp_path).start()
-    acked = set(sender.acked)
-    try:
-        await arrived(sandbox, acked, timeout=60)
-    finally:
-        assert await relay.terminate() == 0
-    counts = Counter(m.message_id for m in sandbox.store.list())
-    duplicates = sum(n - 1 for n in counts.values() if n > 1)
-    print(
-        f"\nkill -9 x{rounds} (seed {seed}): {sender.attempted} attempted, {len(acked)} got 250, "
-        f"{len(acked)} arrived, {duplicates} duplicate deliveries, "
-        f"{len(set(counts) - acked)} delivered without a 250 (client saw the kill)"
-    )
-    assert len(acked) > 20, "the load never got going"
-    assert acked <= set(counts)

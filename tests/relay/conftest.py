@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
+
+from .listener_helpers import MakeRelay, relay_factory
 
 
 class FakeClock:
@@ -20,3 +25,10 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+async def make_relay(tmp_path: Path) -> AsyncIterator[MakeRelay]:
+    """Listeners on 127.0.0.1 port 0 over real SQLite queues (see listener_helpers)."""
+    async with relay_factory(tmp_path) as make:
+        yield make

@@ -7,27 +7,19 @@ import asyncio
 import base64
 import re
 import socket
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from smtp365.relay.listener import Limits
 from smtp365.relay.policy import NetworkRule
 
-from .listener_helpers import MakeRelay, Relay, relay_factory
+from .listener_helpers import MakeRelay, Relay
 
 PLAIN_AUTH_OK = NetworkRule.parse("127.0.0.0/8", name="lan", allow_plain_auth=True)
 _FAILED = re.compile(
     r"AUTH failed from \[(?P<ip>[^\]]+)\]: mechanism=PLAIN user='(?P<user>[^']*)' "
     r"failures_last_minute=(?P<n>\d+) delay=(?P<delay>[\d.]+)s"
 )
-
-
-@pytest.fixture
-async def make_relay(tmp_path: Path) -> AsyncIterator[MakeRelay]:
-    async with relay_factory(tmp_path) as make:
-        yield make
 
 
 def _plain(user: str, password: str) -> str:

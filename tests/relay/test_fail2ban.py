@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from smtp365.relay.logs import TextFormatter
 from smtp365.relay.policy import NetworkRule
 
-from .listener_helpers import MakeRelay, relay_factory
+from .listener_helpers import MakeRelay
 from .test_abuse import Client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,12 +33,6 @@ def fail2ban_regex() -> tuple[list[str], dict[str, str]]:
         pytest.skip("fail2ban-regex is missing (.ci/run unpacks Debian's fail2ban package)")
     env = {"PYTHONPATH": str(UNPACKED / "usr" / "lib" / "python3" / "dist-packages")}
     return ["/usr/bin/python3", str(script)], env
-
-
-@pytest.fixture
-async def make_relay(tmp_path: Path) -> AsyncIterator[MakeRelay]:
-    async with relay_factory(tmp_path) as make:
-        yield make
 
 
 def _plain(user: str, password: str) -> str:

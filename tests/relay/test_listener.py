@@ -6,7 +6,6 @@ import asyncio
 import base64
 import smtplib
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from smtp365.relay.listener import Limits
 from smtp365.relay.policy import NetworkRule, RelayPolicy
 from smtp365.relay.users import UserDB
 
-from .listener_helpers import FAST_HASHER, HOSTNAME, LOCALHOST, MakeRelay, Relay, relay_factory
+from .listener_helpers import FAST_HASHER, HOSTNAME, LOCALHOST, MakeRelay, Relay
 
 D = "foreign.example"
 S = HOSTNAME
@@ -25,12 +24,6 @@ MESSAGE = (
     b"From: app@corp.example\r\nTo: t@foreign.example\r\nSubject: hello\r\n"
     b"Message-ID: <abc.123@corp.example>\r\n\r\nbody line 1\r\n.leading dot\r\n\r\nend\r\n"
 )
-
-
-@pytest.fixture
-async def make_relay(tmp_path: Path) -> AsyncIterator[MakeRelay]:
-    async with relay_factory(tmp_path) as make:
-        yield make
 
 
 def _ok(code: int) -> None:

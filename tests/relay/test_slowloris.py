@@ -6,23 +6,14 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from smtp365.relay.listener import Limits
 
-from .listener_helpers import LOCALHOST, MakeRelay, relay_factory
+from .listener_helpers import LOCALHOST, MakeRelay
 
 IDLE = 500
 PER_ADDRESS = 50  # the default per-client limit: 10 addresses x 50
-
-
-@pytest.fixture
-async def make_relay(tmp_path: Path) -> AsyncIterator[MakeRelay]:
-    async with relay_factory(tmp_path) as make:
-        yield make
 
 
 def _rss_kb() -> int:
