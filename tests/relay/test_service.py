@@ -248,3 +248,95 @@ async def test_30_per_minute_scaled_down_no_throttle_and_over_90_percent_used(
         assert used >= 0.9
     finally:
         await sb.stop()
+
+
+class Switch:
+    """A TCP forwarder on a fixed local port that can be turned off (connection refused)
+    and on again: the identity platform going down and coming back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def on(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def off(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            finally:
+                dst.close()
+
+        tasks = {
+            asyncio.ensure_future(pipe(reader, up_writer)),
+            asyncio.ensure_future(pipe(up_reader, writer)),
+        }
+        self._pipes |= tasks
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._pipes -= tasks
+
+
+async def test_identity_platform_down_then_back_nothing_lost(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    switch = Switch(sandbox.identity_port)
+    await switch.on()
+    await switch.off()  # the port is known; the identity platform is "down"
+    app = next(a for a in sandbox.info()["apps"] if not a["public_client"])
+    alice = {
+        "profile": "custom",
+        "host": "localhost",
+        "port": sandbox.smtp_port,
+        "ca_file": str(sandbox.ca_file),
+        "username": ALICE,
+        "auth": "xoauth2",
+        "timeout": 10,
+        "tenant": sandbox.settings.tenant_id,
+        "client_id": app["app_id"],
+        "client_secret": app["client_secret"],
+        "authority_host": f"https://localhost:{switch.port}",
+        "token_cache": str(tmp_path / "token-cache.json"),
+    }
+    cfg = settings(sandbox, tmp_path / "relay")
+    cfg = cfg.model_validate(cfg.model_dump() | {"accounts": {"alice": alice}})
+    try:
+        async with RelayService(cfg) as relay:
+            port = relay.listeners[0].port
+            for i in range(3):
+                await asyncio.to_thread(smtp_send, port, ALICE, ["x@example.net"], body(f"i{i}"))
+            assert relay.queue is not None
+            queue = relay.queue
+
+            async def deferred_for_the_token() -> bool:
+                waiting = await queue.list(State.DEFERRED)
+                return len(waiting) == 3 and all(m.attempts >= 1 for m in waiting)
+
+            await until(deferred_for_the_token)
+            reasons = {m.last_reason for m in await queue.list(State.DEFERRED)}
+            assert sandbox.store.list() == []
+            await switch.on()  # back, on the same port
+            await settled(relay, timeout=30)
+            assert (await queue.stats())[State.FAILED] == 0
+        assert sorted(m.subject for m in sandbox.store.list()) == ["i0", "i1", "i2"]
+        print(f"deferred while the identity platform was down: {reasons}")
+    finally:
+        await switch.off()
