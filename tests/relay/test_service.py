@@ -340,3 +340,81 @@ async def test_identity_platform_down_then_back_nothing_lost(
         print(f"deferred while the identity platform was down: {reasons}")
     finally:
         await switch.off()
+
+
+async def test_smuggling_never_reaches_the_upstream(tmp_path: Path) -> None:
+    from tests.relay.test_listener import FAKE_ENDS, SMUGGLED
+
+    sandbox = Sandbox(
+        tmp_path / "sbx", SandboxSettings(limits=LimitSettings(messages_per_minute=10_000))
+    )
+    await sandbox.start()
+    try:
+        await _smuggling_through(sandbox, tmp_path, FAKE_ENDS, SMUGGLED)
+    finally:
+        await sandbox.stop()
+
+
+async def _smuggling_through(
+    sandbox: Sandbox, tmp_path: Path, fake_ends: list[bytes], smuggled: bytes
+) -> None:
+
+    listeners = [
+        {"host": "127.0.0.1", "port": 0, "mode": "plain"},
+        {"host": "127.0.0.1", "port": 0, "mode": "starttls"},
+        {"host": "127.0.0.1", "port": 0, "mode": "plain", "bare_newline": "normalize"},
+    ]
+    relay_table = {"listeners": listeners, "budget": {"messages_per_minute": 10_000}}
+    cfg = settings(sandbox, tmp_path / "relay", relay=relay_table)
+
+    def session(port: int, tls: bool, fake_end: bytes, tag: str) -> tuple[int, int]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            if tls:
+                ctx = ssl.create_default_context(cafile=str(tmp_path / "relay/tls/relay.crt"))
+                ctx.check_hostname = False
+                smtp.starttls(context=ctx)
+            smtp.ehlo("lan.example")
+            smtp.mail(ALICE)
+            smtp.rcpt("t@example.net")
+            assert smtp.docmd("DATA")[0] == 354
+            smtp.send(
+                f"Subject: one-{tag}\r\n\r\nhello".encode() + fake_end + smuggled + b"\r\n.\r\n"
+            )
+            first = smtp.getreply()[0]
+            # the same session goes on with a second, honest transaction
+            second = smtp.sendmail(ALICE, ["t@example.net"], body(f"two-{tag}"))
+            assert second == {}
+            return first, 250
+
+    async with RelayService(cfg) as relay:
+        plain, starttls, normalize = (lst.port for lst in relay.listeners)
+        firsts = []
+        for i, fake_end in enumerate(fake_ends):
+            for port, tls, kind in (
+                (plain, False, "plain"),
+                (starttls, True, "starttls"),
+                (normalize, False, "normalize"),
+            ):
+                first, _ = await asyncio.to_thread(session, port, tls, fake_end, f"{kind}{i}")
+                firsts.append((kind, i, first))
+        await settled(relay, timeout=30)
+    # Refused where bare CR/LF is refused; accepted as one message where it is normalised
+    # (NUL is refused everywhere).
+    kept = [i for i, end in enumerate(fake_ends) if b"\x00" not in end]
+    assert firsts == [
+        (kind, i, 250 if kind == "normalize" and i in kept else 550)
+        for i in range(len(fake_ends))
+        for kind in ("plain", "starttls", "normalize")
+    ]
+    got = sandbox.store.list()
+    n = len(fake_ends)
+    assert sorted(m.subject for m in got) == sorted(
+        [f"two-{k}{i}" for k in ("plain", "starttls", "normalize") for i in range(n)]
+        + [f"one-normalize{i}" for i in kept]
+    )
+    assert {m.mail_from for m in got} == {ALICE}  # never the smuggled sender
+    assert all(m.rcpt_tos == ["t@example.net"] for m in got)  # never the smuggled recipient
+    for m in got:
+        if m.subject.startswith("one-"):
+            # the smuggled commands arrived as text inside the one message, dot-stuffed
+            assert b"MAIL FROM:<evil@smuggled.example>" in sandbox.store.content(m.id)
