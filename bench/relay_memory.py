@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from relay_vs_postfix import _kb, tree  # the same /proc reading; this directory is on sys.path
+
 from smtp365.models import Envelope
 from smtp365.relay.queue.sqlite import SqliteQueue
 
@@ -72,31 +74,6 @@ MB = 1_000_000
 # /proc
 
 
-def _kb(path: str, key: str) -> int:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -107,14 +84,7 @@ def _cmdline(pid: int) -> bytes:
 
 def relay_pids(root: int) -> list[int]:
     """The relay's main process and its descendants that are intake helpers."""
-    children = _children()
-    found, todo = [root], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        if b"smtp365.relay.procs" in _cmdline(pid):
-            found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
+    return [root] + [p for p in tree(root)[1:] if b"smtp365.relay.procs" in _cmdline(p)]
 
 
 @dataclass

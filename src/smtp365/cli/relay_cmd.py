@@ -16,7 +16,7 @@ from smtp365.cli.send import ConfigOpt
 from smtp365.config import Settings, load
 from smtp365.errors import Smtp365Error
 from smtp365.relay import logs
-from smtp365.relay.service import RelayService
+from smtp365.relay.service import RelayService, settle_gc
 from smtp365.relay.users import UserDB
 
 app = typer.Typer(
@@ -65,7 +65,7 @@ def relay(
     logs.setup(fmt, level=10 if verbose else 20)
     try:
         service = RelayService(settings, state_dir=state_dir)
-        asyncio.run(service.run())
+        asyncio.run(service.run(on_ready=lambda _: settle_gc()))
     except Smtp365Error as exc:
         fail(exc)
     except OSError as exc:

@@ -34,6 +34,7 @@ import binascii
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import re
 import shutil
@@ -827,16 +828,14 @@ def _write_error(client_ip: str, exc: OSError) -> str:
 
 
 _COMMAND_NAMES: dict[str, list[str]] = {}
-_AUTH_POOL: list[ThreadPoolExecutor] = []
 
 
+@functools.cache
 def _auth_pool() -> ThreadPoolExecutor:
     """One thread checks passwords, for all sessions of this process: each argon2 check
     takes 64 MiB for a moment, so a burst of AUTH attempts queues here instead of taking
     memory (and CPU) in proportion to the number of connections."""
-    if not _AUTH_POOL:
-        _AUTH_POOL.append(ThreadPoolExecutor(1, thread_name_prefix="smtp365-auth"))
-    return _AUTH_POOL[0]
+    return ThreadPoolExecutor(1, thread_name_prefix="smtp365-auth")
 
 
 def _command_names(cls: type) -> list[str]:

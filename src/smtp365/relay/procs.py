@@ -70,10 +70,6 @@ class IntakeProcesses:
         self._watchers: set[asyncio.Task[None]] = set()
         self._stopping = False
 
-    @property
-    def pids(self) -> list[int]:
-        return [proc.pid for proc in self._procs.values()]
-
     async def start(self) -> None:
         for index in range(1, self.count + 1):
             await self._spawn(index)

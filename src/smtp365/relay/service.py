@@ -41,7 +41,7 @@ from smtp365.relay.tlscert import self_signed
 from smtp365.relay.users import UserDB, sender_allowed
 from smtp365.relay.worker import DeliveryPolicy, TransportFactory, Worker
 
-__all__ = ["RelayService", "accounts_of"]
+__all__ = ["RelayService", "accounts_of", "settle_gc"]
 
 log = logging.getLogger("smtp365.relay")
 
@@ -179,7 +179,6 @@ class RelayService:
             )
             await self.helpers.start()
         scheduler.start()
-        _settle_gc()
         self._purger = asyncio.create_task(self._purge_loop(), name="smtp365-relay-purge")
         log.info(
             "relay %s ready: %s; %d process(es); sending through %s; %d local user(s); queue %s",
@@ -256,7 +255,7 @@ class RelayService:
         try:
             await self._start_listeners(queue, on_enqueued=enqueued, sockets=sockets)
             log.info("intake process %d (pid %d) serving", index, os.getpid())
-            _settle_gc()
+            settle_gc()
             await self._stop.wait()
         finally:
             await self.stop(grace=0 if orphaned else None)
@@ -367,10 +366,11 @@ class RelayService:
         await self.stop()
 
 
-def _settle_gc() -> None:
-    """Everything built at start lives as long as the service: move it out of the garbage
-    collector's way, and collect the young generation less often (a session makes many
-    short-lived objects, few cycles)."""
+def settle_gc() -> None:
+    """For a process that runs the relay and nothing else, once it has started: everything
+    built so far lives as long as the process, so move it out of the garbage collector's
+    way, and collect the young generation less often (a session makes many short-lived
+    objects, few cycles). Process-wide, so the entry points call it, not the service."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
