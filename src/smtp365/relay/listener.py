@@ -69,6 +69,9 @@ log = logging.getLogger("smtp365.relay.listener")
 
 Mode = Literal["plain", "starttls", "tls"]
 _BARE = re.compile(rb"\r\n|\r|\n")
+# Connections the kernel holds for us while the loop is busy: a burst of devices (or
+# smtp-source's 50 sessions) must not see dropped SYNs and a 1 s retransmit each.
+BACKLOG = 511
 
 
 @dataclass(frozen=True, slots=True)
@@ -792,7 +795,7 @@ class RelaySMTP(SMTP):
         return content, None
 
 
-def bind(host: str, port: int, *, backlog: int = 511) -> list[socket.socket]:
+def bind(host: str, port: int, *, backlog: int = BACKLOG) -> list[socket.socket]:
     """Listening sockets for ``host``:``port`` (every address it resolves to), to be served
     by several processes at once: each passes them to :meth:`RelayListener.start`. Port 0
     gets one port, shared by all the addresses."""
@@ -902,7 +905,9 @@ class RelayListener:
                 self._servers.append(await loop.create_server(factory, sock=sock, ssl=tls))
         else:
             self._servers.append(
-                await loop.create_server(factory, self.config.host, self.config.port, ssl=tls)
+                await loop.create_server(
+                    factory, self.config.host, self.config.port, ssl=tls, backlog=BACKLOG
+                )
             )
         log.debug("listening on %s:%d (%s)", self.config.host, self.port, self.config.mode)
 
