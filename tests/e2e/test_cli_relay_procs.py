@@ -4,11 +4,13 @@ the main process and are restarted when they die alone."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import select
 import signal
 import smtplib
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -120,3 +122,83 @@ async def test_helpers_die_with_the_main_process(sandbox: Sandbox, tmp_path: Pat
         await arrived(sandbox, mids)
     finally:
         assert await again.terminate() == 0
+
+
+class _Line:
+    """A raw SMTP client that reads one reply at a time."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.file = self.sock.makefile("rb")
+
+    def reply(self) -> bytes:
+        lines = b""
+        while (line := self.file.readline())[3:4] == b"-":
+            lines += line
+        return lines + line
+
+    def say(self, line: str) -> bytes:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+async def test_per_address_limits_hold_across_processes(sandbox: Sandbox, tmp_path: Path) -> None:
+    """The connections and failed AUTHs of one address count once for the whole relay,
+    whichever process accepted them: each process is made to accept in turn by stopping
+    the other (SIGSTOP)."""
+    cfg = config(
+        tmp_path,
+        sandbox,
+        processes=2,
+        listeners=[
+            {
+                "host": "127.0.0.1",
+                "port": 0,
+                "mode": "plain",
+                "max_connections_per_client": 4,
+                "auth_failures_per_minute": 2,
+            }
+        ],
+        networks=[{"cidr": "127.0.0.0/8", "name": "lan", "allow_plain_auth": True}],
+    )
+    relay = await RelayProcess(cfg, cwd=tmp_path).start()
+    held: list[_Line] = []
+    bad = "AUTH PLAIN " + base64.b64encode(b"\0nobody\0wrong").decode()
+
+    async def connect() -> tuple[_Line, bytes]:
+        line = await asyncio.to_thread(_Line, relay.port)
+        held.append(line)
+        return line, await asyncio.to_thread(line.reply)
+
+    try:
+        (helper,) = relay.helpers()
+        await relay.wait_for_line(r"relay#1: intake process 1 \(pid \d+\) serving")
+        assert relay.proc is not None
+        main = relay.proc.pid
+        for stopped in (helper, main):  # two connections and one failed AUTH in each
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                for _ in range(2):
+                    line, greeting = await connect()
+                    assert greeting.startswith(b"220 "), greeting
+                await asyncio.to_thread(line.say, "EHLO client.test")
+                assert (await asyncio.to_thread(line.say, bad)).startswith(b"535 ")
+                if stopped == main:  # the helper, holding 2 of the address's 4 connections
+                    _, refused = await connect()
+                    assert refused.startswith(b"421 4.7.0 Error: too many connections"), refused
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+        blocked = await asyncio.to_thread(line.say, bad)
+        assert blocked.startswith(b"421 4.7.0 Error: too many failed authentications"), blocked
+        failures = [ln for ln in relay.log if "AUTH failed from [127.0.0.1]" in ln]
+        assert len(failures) == 2
+        assert " listener: " in failures[0] and " listener#1: " in failures[1], failures
+        assert "failures_last_minute=2" in failures[1], failures
+    finally:
+        for line in held:
+            line.close()
+        assert await relay.terminate() == 0

@@ -123,9 +123,9 @@ async def test_connections_per_client_address(make_relay: MakeRelay) -> None:
         assert refused == b"421 4.7.0 Error: too many connections from your address\r\n"
         assert other.startswith(b"220")
         held.pop().close()
-        per_client = relay.listener._shared.per_client
+        clients = relay.listener._shared.clients
         async with asyncio.timeout(10):
-            while per_client["127.0.0.1"] > 2:  # the relay has seen the close
+            while clients.connections("127.0.0.1") > 2:  # the relay has seen the close
                 await asyncio.sleep(0.01)
         assert (await asyncio.to_thread(one_more)).startswith(b"220")
     finally:

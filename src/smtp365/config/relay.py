@@ -34,7 +34,7 @@ class ListenerSettings(BaseModel):
     bare_newline: Literal["reject", "normalize"] = "reject"
     session_timeout: float = Field(default=300.0, gt=0)
     auth_attempts: int = Field(default=3, ge=1)  # per connection, then 421
-    auth_failures_per_minute: int = Field(default=10, ge=1)  # per client address, then 421
+    auth_failures_per_minute: int = Field(default=10, ge=1, le=32)  # per client address, then 421
     max_connections_per_client: int = Field(default=50, ge=1)  # at once, per address
 
     @field_validator("mode", mode="before")

@@ -13,7 +13,8 @@ DATA) is overridden. What it enforces (security.md §2-§5):
   last minute (0.5 s, 1 s, 2 s ... 30 s); at ``auth_failures_per_ip`` an address gets
   ``421`` at AUTH until the minute has passed. One log line per failure: ``AUTH failed
   from [IP]``. At most ``max_connections_per_client`` connections per address at once;
-  ``unknown_command_limit`` unknown commands, then ``421``.
+  ``unknown_command_limit`` unknown commands, then ``421``. Addresses are counted over all
+  the relay's processes (:mod:`smtp365.relay.clients`).
 * **SMTP smuggling**: DATA is read by this module, not aiosmtpd: only ``<CR><LF>.<CR><LF>``
   ends it, and any bare CR, bare LF or NUL rejects the message (``550 5.6.0``), or with
   ``bare_newline="normalize"`` bare CR/LF become CRLF. One transaction per DATA.
@@ -51,6 +52,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtp365.errors import ConfigError, MessageError, QueueError
 from smtp365.models import Envelope
+from smtp365.relay.clients import ClientTable
 from smtp365.relay.intake import ClientInfo, Draft, Intake
 from smtp365.relay.policy import ClientIdentity, RelayPolicy, split_path
 from smtp365.relay.queue import Queue
@@ -134,38 +136,7 @@ class _Shared:
     tls_context: ssl.SSLContext | None
     sessions: set[RelaySMTP] = field(default_factory=set)
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # set when no session is open
-    per_client: collections.Counter[str] = field(default_factory=collections.Counter)
-    auth_failures: AuthFailures = field(default_factory=lambda: AuthFailures())
-
-
-class AuthFailures:
-    """Failed AUTH per client address over the last minute, for every session of a
-    listener in this process (each helper process keeps its own)."""
-
-    WINDOW = 60.0
-    MAX_ADDRESSES = 10_000
-
-    def __init__(self) -> None:
-        self._by_ip: dict[str, collections.deque[float]] = {}
-
-    def count(self, ip: str, now: float) -> int:
-        times = self._by_ip.get(ip)
-        if times is None:
-            return 0
-        while times and times[0] <= now - self.WINDOW:
-            times.popleft()
-        if not times:
-            del self._by_ip[ip]
-            return 0
-        return len(times)
-
-    def add(self, ip: str, now: float) -> int:
-        """Record a failure; returns the failures of ``ip`` in the last minute."""
-        if len(self._by_ip) >= self.MAX_ADDRESSES:
-            for old in [k for k, t in self._by_ip.items() if t[-1] <= now - self.WINDOW]:
-                del self._by_ip[old]
-        self._by_ip.setdefault(ip, collections.deque()).append(now)
-        return self.count(ip, now)
+    clients: ClientTable = field(default_factory=ClientTable)
 
 
 class _NoHooks:
@@ -197,7 +168,7 @@ class RelaySMTP(SMTP):
         self._fired = False
         self._identity_cache: tuple[str | None, ClientIdentity | None] | None = None
         self._unknown = 0
-        self._counted: str | None = None  # the address counted in per_client
+        self._counted: str | None = None  # the address counted in the client table
         super().__init__(
             _NoHooks(),
             data_size_limit=limits.max_message_size,
@@ -333,10 +304,10 @@ class RelaySMTP(SMTP):
             self._shared.sessions.add(self)
             self._shared.drained.clear()
             ip = self.client_ip
-            self._shared.per_client[ip] += 1
+            count = self._shared.clients.connect(ip)
             self._counted = ip
             limit = self._shared.config.limits.max_connections_per_client
-            if self._shared.per_client[ip] > limit:
+            if count > limit:
                 log.warning("[%s] refused: more than %d connections at once", ip, limit)
                 self._closing = True
                 with contextlib.suppress(Exception):
@@ -350,10 +321,7 @@ class RelaySMTP(SMTP):
             self._closed_once = True
             self._shared.sessions.discard(self)
             if self._counted is not None:
-                per_client = self._shared.per_client
-                per_client[self._counted] -= 1
-                if per_client[self._counted] <= 0:
-                    del per_client[self._counted]
+                self._shared.clients.disconnect(self._counted)
             if not self._shared.sessions:
                 self._shared.drained.set()
         super().connection_lost(error)
@@ -512,7 +480,7 @@ class RelaySMTP(SMTP):
             await self.push("421 4.7.0 Error: too many authentication attempts")
             self._close()
             return
-        recent = self._shared.auth_failures.count(self.client_ip, self.loop.time())
+        recent = self._shared.clients.auth_failures(self.client_ip)
         if recent >= limits.auth_failures_per_ip:
             log.warning(
                 "AUTH refused for [%s]: %d failures in the last minute; closing",
@@ -575,7 +543,7 @@ class RelaySMTP(SMTP):
         """Count a failed AUTH; returns how long to wait before answering it."""
         self._auth_failures += 1
         limits = self._shared.config.limits
-        recent = self._shared.auth_failures.add(self.client_ip, self.loop.time())
+        recent = self._shared.clients.add_auth_failure(self.client_ip)
         delay = float(min(limits.auth_delay_max, limits.auth_delay * 2 ** (recent - 1)))
         # One stable line per failure, for fail2ban (contrib/fail2ban).
         log.warning(
@@ -862,7 +830,16 @@ class RelayListener:
         users: UserDB | None = None,
         intake: Intake | None = None,
         tls_context: ssl.SSLContext | None = None,
+        clients: ClientTable | None = None,
     ) -> None:
+        """``clients``: the per-address counters, shared with the other processes serving
+        the same socket (:meth:`ClientTable.shared`); by default this listener's own."""
+        if config.limits.auth_failures_per_ip > ClientTable.RING:
+            raise ConfigError(
+                f"auth_failures_per_minute = {config.limits.auth_failures_per_ip} is more than"
+                f" the {ClientTable.RING} failures per address the relay can track",
+                fix=f"set it to {ClientTable.RING} or less",
+            )
         if tls_context is None and config.mode != "plain":
             if config.cert_file is None or config.key_file is None:
                 raise ConfigError(
@@ -877,6 +854,7 @@ class RelayListener:
             intake=intake or Intake(queue, hostname=config.hostname),
             users=users,
             tls_context=tls_context,
+            clients=clients or ClientTable(),
         )
         self._servers: list[asyncio.Server] = []
 

@@ -11,6 +11,9 @@ processes; each commits and fsyncs its own batches, so a ``250`` still means dur
 answers exactly like the main process, with the same listeners, users, networks and routes.
 Delivery, bounces and queue recovery stay in the main process.
 
+* It counts connections and failed AUTHs per client address in the main process's tables
+  (:mod:`smtp365.relay.clients`, shared memory it inherits), so per-address limits hold
+  for the relay as a whole.
 * It tells the main process about each message it queued (one byte on a socketpair), so
   the scheduler claims it at once instead of at its next poll.
 * It dies with the main process (``PR_SET_PDEATHSIG`` on Linux, and EOF on the socketpair
@@ -34,7 +37,10 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from smtp365.relay.clients import ClientTable
 
 __all__ = ["IntakeProcesses", "main"]
 
@@ -53,6 +59,7 @@ class IntakeProcesses:
         settings: dict[str, Any],
         state_dir: Path,
         sockets: Sequence[Sequence[socket.socket]],
+        clients: Sequence[ClientTable],
         on_enqueued: Callable[[], None],
         log_setup: tuple[str, int],
     ) -> None:
@@ -61,10 +68,12 @@ class IntakeProcesses:
             "settings": settings,
             "state_dir": str(state_dir),
             "listeners": [[s.fileno() for s in group] for group in sockets],
+            "clients": [table.fileno() for table in clients],
             "parent": os.getpid(),
             "log": list(log_setup),
         }
         self._fds = [s.fileno() for group in sockets for s in group]
+        self._fds += [fd for fd in self._spec["clients"] if fd is not None]
         self._on_enqueued = on_enqueued
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._watchers: set[asyncio.Task[None]] = set()
@@ -167,17 +176,19 @@ def main() -> None:
     _die_with_parent(int(spec["parent"]))
     from smtp365.config import Settings
     from smtp365.relay import logs
+    from smtp365.relay.clients import ClientTable
     from smtp365.relay.service import RelayService
 
     fmt, level = spec["log"]
     logs.setup(fmt, level=int(level), process=int(spec["index"]))
     sockets = [[socket.socket(fileno=fd) for fd in group] for group in spec["listeners"]]
     notify = socket.socket(fileno=int(spec["notify"]))
+    clients = [ClientTable(int(fd)) for fd in spec["clients"]]
     service = RelayService(
         Settings.model_validate(spec["settings"]), state_dir=Path(spec["state_dir"])
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(service.run_intake(sockets, notify, index=int(spec["index"])))
+        asyncio.run(service.run_intake(sockets, notify, index=int(spec["index"]), clients=clients))
 
 
 if __name__ == "__main__":

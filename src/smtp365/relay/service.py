@@ -27,6 +27,7 @@ from smtp365.errors import ConfigError
 from smtp365.models import Envelope
 from smtp365.relay import logs
 from smtp365.relay.backoff import Backoff
+from smtp365.relay.clients import ClientTable
 from smtp365.relay.dsn import Bouncer
 from smtp365.relay.intake import ClientInfo, Intake, Route
 from smtp365.relay.listener import Limits, ListenerConfig, RelayListener
@@ -90,6 +91,7 @@ class RelayService:
         self.worker: Worker | None = None
         self.helpers: IntakeProcesses | None = None
         self._sockets: list[list[socket.socket]] = []
+        self._clients: list[ClientTable] = []  # per listener, shared with the helpers
         self._purger: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._started = False
@@ -166,7 +168,10 @@ class RelayService:
         )
         scheduler = self.scheduler
         users = await self._start_listeners(
-            queue, on_enqueued=lambda _id: scheduler.wake(), sockets=self._bind_for_helpers()
+            queue,
+            on_enqueued=lambda _id: scheduler.wake(),
+            sockets=self._bind_for_helpers(),
+            clients=self._clients,
         )
         if self._sockets:
             self.helpers = IntakeProcesses(
@@ -174,6 +179,7 @@ class RelayService:
                 settings=self.settings.model_dump(mode="json"),
                 state_dir=self.state_dir,
                 sockets=self._sockets,
+                clients=self._clients,
                 on_enqueued=scheduler.wake,
                 log_setup=logs.current(),
             )
@@ -196,11 +202,13 @@ class RelayService:
         return self.config.processes or os.cpu_count() or 1
 
     def _bind_for_helpers(self) -> list[list[socket.socket]]:
-        """With more than one process, the listening sockets they will share."""
+        """With more than one process, the listening sockets they will share (and the
+        tables counting each client address over all of them)."""
         if self._process_count() < 2:
             return []
         for item in self.config.listeners:
             self._sockets.append(listener_bind(item.host, item.port))
+            self._clients.append(ClientTable.shared())
         return self._sockets
 
     async def _start_listeners(
@@ -209,6 +217,7 @@ class RelayService:
         *,
         on_enqueued: Callable[[str], None],
         sockets: Sequence[Sequence[socket.socket]] = (),
+        clients: Sequence[ClientTable] = (),
     ) -> UserDB:
         cfg = self.config
         users = UserDB(cfg.users_file or self.state_dir / "users.json")
@@ -221,14 +230,24 @@ class RelayService:
         intake = Intake(queue, hostname=self.hostname, router=self.route, on_enqueued=on_enqueued)
         for i, item in enumerate(cfg.listeners):
             listener = RelayListener(
-                self._listener_config(item), queue=queue, policy=policy, users=users, intake=intake
+                self._listener_config(item),
+                queue=queue,
+                policy=policy,
+                users=users,
+                intake=intake,
+                clients=clients[i] if clients else None,
             )
             await listener.start(sockets[i] if sockets else ())
             self.listeners.append(listener)
         return users
 
     async def run_intake(
-        self, sockets: Sequence[Sequence[socket.socket]], notify: socket.socket, *, index: int
+        self,
+        sockets: Sequence[Sequence[socket.socket]],
+        notify: socket.socket,
+        *,
+        index: int,
+        clients: Sequence[ClientTable] = (),
     ) -> None:
         """A helper process (:mod:`smtp365.relay.procs`): receive on the inherited
         ``sockets`` into the shared queue until SIGTERM, or until the main process is gone."""
@@ -253,7 +272,9 @@ class RelayService:
         loop.add_reader(notify.fileno(), parent_readable)
         self.queue = queue = await SqliteQueue.open(self.state_dir / "queue")
         try:
-            await self._start_listeners(queue, on_enqueued=enqueued, sockets=sockets)
+            await self._start_listeners(
+                queue, on_enqueued=enqueued, sockets=sockets, clients=clients
+            )
             log.info("intake process %d (pid %d) serving", index, os.getpid())
             settle_gc()
             await self._stop.wait()
@@ -323,6 +344,9 @@ class RelayService:
             for sock in group:
                 sock.close()
         self._sockets = []
+        for table in self._clients:
+            table.close()
+        self._clients = []
         if self.scheduler is not None:
             await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
             self.scheduler = None
