@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from smtp365.cli.output import die, fail, out, print_json
 from smtp365.cli.send import ConfigOpt
 from smtp365.config import Settings, load
 from smtp365.errors import Smtp365Error
-from smtp365.relay import logs
+from smtp365.relay import logs, loop
 from smtp365.relay.service import RelayService, settle_gc
 from smtp365.relay.users import UserDB
 
@@ -65,7 +64,7 @@ def relay(
     logs.setup(fmt, level=10 if verbose else 20)
     try:
         service = RelayService(settings, state_dir=state_dir)
-        asyncio.run(service.run(on_ready=lambda _: settle_gc()))
+        loop.run(service.run(on_ready=lambda _: settle_gc()), settings.relay.event_loop)
     except Smtp365Error as exc:
         fail(exc)
     except OSError as exc:

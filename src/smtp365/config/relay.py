@@ -122,6 +122,8 @@ class RelayConfig(BaseModel):
     log_format: Literal["text", "json"] = "text"
     # processes accepting connections (the main one included); 0: one per CPU core
     processes: int = Field(default=0, ge=0, le=64)
+    # uvloop where installed (less CPU per message); "asyncio": the standard loop
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     listeners: list[ListenerSettings] = Field(default_factory=lambda: [ListenerSettings()])
     networks: list[NetworkSettings] = Field(
         default_factory=lambda: [

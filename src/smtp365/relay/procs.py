@@ -175,7 +175,7 @@ def main() -> None:
     spec = json.loads(sys.stdin.read())
     _die_with_parent(int(spec["parent"]))
     from smtp365.config import Settings
-    from smtp365.relay import logs
+    from smtp365.relay import logs, loop
     from smtp365.relay.clients import ClientTable
     from smtp365.relay.service import RelayService
 
@@ -188,7 +188,10 @@ def main() -> None:
         Settings.model_validate(spec["settings"]), state_dir=Path(spec["state_dir"])
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(service.run_intake(sockets, notify, index=int(spec["index"]), clients=clients))
+        loop.run(
+            service.run_intake(sockets, notify, index=int(spec["index"]), clients=clients),
+            service.settings.relay.event_loop,
+        )
 
 
 if __name__ == "__main__":
