@@ -550,17 +550,62 @@ async def test_stop_with_grace_lets_an_open_session_finish_its_message(
         writer.close()
 
 
-async def test_stop_closes_sessions_still_open_after_the_grace(make_relay: MakeRelay) -> None:
+async def test_stop_tells_idle_sessions_at_once(make_relay: MakeRelay) -> None:
+    """An idle session does not hold the stop for the whole grace: it gets 421 and EOF."""
     relay = await make_relay(networks=(LOCALHOST,))
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     try:
         assert (await _reply(reader)).startswith(b"220")
         writer.write(b"EHLO client.test\r\n")
         assert (await _reply(reader)).startswith(b"250")
-        await relay.listener.stop(grace=0.2)  # an idle session: closed when the grace ends
+        stopping = asyncio.create_task(relay.listener.stop(grace=600))
+        rest = await asyncio.wait_for(reader.read(), 10)  # closed by the relay: EOF
+        assert rest == b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
+        await asyncio.wait_for(stopping, 10)  # not the 600 s grace
+        assert relay.listener.sessions == 0
+    finally:
+        writer.close()
+
+
+async def test_stop_refuses_a_new_transaction_after_the_message(make_relay: MakeRelay) -> None:
+    """While stopping, a session that finished its message gets 421 for the next one."""
+    relay = await make_relay(networks=(LOCALHOST,))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    try:
+        assert (await _reply(reader)).startswith(b"220")
+        for command in (b"EHLO client.test", b"MAIL FROM:<app@corp.example>"):
+            writer.write(command + b"\r\n")
+            assert (await _reply(reader))[:1] == b"2"
+        stopping = asyncio.create_task(relay.listener.stop(grace=600))
+        await asyncio.sleep(0)
+        writer.write(b"RCPT TO:<t@foreign.example>\r\nDATA\r\n")
+        assert (await _reply(reader))[:1] == b"2"
+        assert (await _reply(reader)).startswith(b"354")
+        writer.write(MESSAGE + b".\r\n")
+        assert (await _reply(reader)).startswith(b"250 2.0.0 Ok: queued as ")
+        writer.write(b"MAIL FROM:<app@corp.example>\r\n")
+        assert (await _reply(reader)).startswith(b"421 4.3.2")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        await asyncio.wait_for(stopping, 10)
+        assert len(await relay.queue.list()) == 1
+    finally:
+        writer.close()
+
+
+async def test_stop_closes_sessions_still_open_after_the_grace(make_relay: MakeRelay) -> None:
+    relay = await make_relay(networks=(LOCALHOST,))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    try:
+        assert (await _reply(reader)).startswith(b"220")
+        for command in (b"EHLO client.test", b"MAIL FROM:<app@corp.example>"):
+            writer.write(command + b"\r\n")
+            assert (await _reply(reader))[:1] == b"2"
+        # In a transaction, but it never finishes: closed when the grace ends.
+        await relay.listener.stop(grace=0.2)
         rest = await asyncio.wait_for(reader.read(), 10)  # closed by the relay: EOF
         assert b"250 2.0.0 Ok: queued" not in rest
         assert relay.listener.sessions == 0
+        assert await relay.queue.list() == []
     finally:
         writer.close()
 

@@ -74,6 +74,9 @@ _BARE = re.compile(rb"\r\n|\r|\n")
 # Connections the kernel holds for us while the loop is busy: a burst of devices (or
 # smtp-source's 50 sessions) must not see dropped SYNs and a 1 s retransmit each.
 BACKLOG = 511
+# While stopping, a session whose transaction has ended gets this long for its QUIT.
+STOP_LINGER = 2.0
+SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,7 @@ class _Shared:
     tls_context: ssl.SSLContext | None
     sessions: set[RelaySMTP] = field(default_factory=set)
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # set when no session is open
+    stopping: bool = False  # the listener is stopping: no new transactions
     clients: ClientTable = field(default_factory=ClientTable)
 
 
@@ -185,7 +189,8 @@ class RelaySMTP(SMTP):
         # Once a session is being closed (421, synchronisation error), commands the client
         # already pipelined are not executed.
         table: dict[str, Callable[[str | None], Awaitable[None]]] = self._smtp_methods
-        self._smtp_methods = {name: self._guard(meth) for name, meth in table.items()}
+        self._smtp_methods = {name: self._guard(name, meth) for name, meth in table.items()}
+        self._in_command = False
 
     def __dir__(self) -> list[str]:
         # aiosmtpd builds its command and AUTH tables from dir(self) for every connection;
@@ -193,13 +198,40 @@ class RelaySMTP(SMTP):
         return _command_names(type(self))
 
     def _guard(
-        self, method: Callable[[str | None], Awaitable[None]]
+        self, name: str, method: Callable[[str | None], Awaitable[None]]
     ) -> Callable[[str | None], Awaitable[None]]:
         async def run(arg: str | None) -> None:
-            if not self._closing:
+            if self._closing:
+                return
+            if self._shared.stopping and name != "QUIT" and not self._in_transaction():
+                self._shut_down()
+                return
+            self._in_command = True
+            try:
                 await method(arg)
+            finally:
+                self._in_command = False
+            if self._shared.stopping and not self._in_transaction():
+                # Its transaction is done: time for QUIT, not for another message.
+                self._timeout_duration = STOP_LINGER
+                self._reset_timeout()
 
         return run
+
+    def _in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def idle(self) -> bool:
+        """Waiting for a command, outside a mail transaction."""
+        return not self._in_command and not self._in_transaction()
+
+    def _shut_down(self) -> None:
+        """``421`` and close (the relay is stopping)."""
+        transport = self.transport
+        if not self._closing and transport is not None and not transport.is_closing():
+            with contextlib.suppress(Exception):
+                transport.write(SHUTDOWN_REPLY)  # type: ignore[attr-defined]
+        self._close()
 
     # ------------------------------------------------------------------ helpers
 
@@ -890,14 +922,22 @@ class RelayListener:
         log.debug("listening on %s:%d (%s)", self.config.host, self.port, self.config.mode)
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Stop accepting; give open sessions up to ``grace`` seconds to finish (a message
-        being received still gets its 250 once durable), then close the rest (a DATA still in
-        progress then gets no 250, so its client keeps the message and tries again)."""
+        """Stop accepting; idle sessions get ``421`` and are closed at once; sessions in a
+        mail transaction get up to ``grace`` seconds to finish it (a message being received
+        still gets its 250 once durable, then a QUIT gets 221 and anything else 421); then
+        the rest are closed (a DATA still in progress then gets no 250, so its client keeps
+        the message and tries again)."""
         if not self._servers:
             return
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
+        # Idle sessions are told at once; one in a transaction finishes it first (its
+        # next command, QUIT aside, gets the 421).
+        self._shared.stopping = True
+        for session in list(self._shared.sessions):
+            if session.idle():
+                session._shut_down()
         if grace > 0 and self._shared.sessions:
             log.info("waiting up to %.0f s for %d open session(s)", grace, self.sessions)
             with contextlib.suppress(TimeoutError):

@@ -333,11 +333,13 @@ class RelayService:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, finish sessions and deliveries within ``grace``, close the queue."""
         grace = self.config.grace if grace is None else grace
-        deadline = time.monotonic() + grace
         helpers, self.helpers = self.helpers, None
+        scheduler, self.scheduler = self.scheduler, None
+        # Sessions and deliveries finish side by side, within the same grace.
         await asyncio.gather(
             *(lst.stop(grace) for lst in self.listeners),
             *([helpers.stop(grace)] if helpers is not None else []),
+            *([scheduler.stop(grace)] if scheduler is not None else []),
         )
         self.listeners = []
         for group in self._sockets:
@@ -347,9 +349,6 @@ class RelayService:
         for table in self._clients:
             table.close()
         self._clients = []
-        if self.scheduler is not None:
-            await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
-            self.scheduler = None
         if self._purger is not None:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
