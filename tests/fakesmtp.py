@@ -25,6 +25,7 @@ class Script:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str = "250 2.0.0 OK <fake-queue-id> [Hostname=fake.test]"
     close_after_messages: int = 0  # close the connection after this many messages (0: never)
+    rset_reply: str = "250 2.0.0 OK"  # a 421 closes the connection after it
     silent: bool = False  # accept the connection but never greet
 
 
@@ -127,7 +128,11 @@ class FakeSMTPServer:
                     delivered += 1
                     if s.close_after_messages and delivered >= s.close_after_messages:
                         return
-                elif verb == "RSET" or verb == "NOOP":
+                elif verb == "RSET":
+                    await send(s.rset_reply)
+                    if s.rset_reply.startswith("421"):
+                        return
+                elif verb == "NOOP":
                     await send("250 2.0.0 OK")
                 elif verb == "QUIT":
                     await send("221 2.0.0 Service closing transmission channel")

@@ -20,6 +20,7 @@ from smtp365.errors import (
 )
 from smtp365.models import Envelope, Submission
 from smtp365.transport import SmtpTransport
+from smtp365.transport import smtp as smtp_transport
 from tests.fakesmtp import FakeSMTPServer, Script
 from tests.unit.test_replies import CASES
 
@@ -164,6 +165,37 @@ async def test_reconnects_when_server_closed_idle_connection(
             await t.submit(SUB)
         assert server.connections == 2
         assert len(server.messages) == 2
+
+
+async def test_back_to_back_messages_need_no_rset(
+    server_context: Callable[..., ssl.SSLContext], make_account: MakeAccount
+) -> None:
+    script = Script(tls_context=server_context())
+    async with FakeSMTPServer(script) as server, SmtpTransport(make_account(server.port)) as t:
+        for _ in range(3):
+            await t.submit(SUB)
+    assert not [c for c in server.commands if c.upper() == "RSET"]
+    assert server.connections == 1
+
+
+async def test_an_idle_connection_is_checked_with_rset_before_reuse(
+    server_context: Callable[..., ssl.SSLContext],
+    make_account: MakeAccount,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection that sat idle is asked RSET first; one that no longer answers (here:
+    421, as a server that timed it out would) is replaced before MAIL FROM is sent."""
+    monkeypatch.setattr(smtp_transport, "IDLE_CHECK", 0.0)
+    script = Script(tls_context=server_context(), rset_reply="421 4.4.2 fake.test timed out")
+    async with FakeSMTPServer(script) as server, SmtpTransport(make_account(server.port)) as t:
+        await t.submit(SUB)
+        await t.submit(SUB)
+    assert server.connections == 2
+    assert len(server.messages) == 2
+    verbs = [c.split(" ", 1)[0].upper() for c in server.commands]
+    first_rset = verbs.index("RSET")
+    assert verbs[first_rset + 1] == "EHLO", "a new connection follows the refused RSET"
+    assert verbs[:first_rset].count("MAIL") == 1
 
 
 async def test_basic_login_warns(

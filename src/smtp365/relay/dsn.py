@@ -9,7 +9,9 @@ body, at most :data:`HEADERS_CAP` bytes; left out when the content is gone).
 Rules:
 
 * A message with a null sender (``MAIL FROM:<>``) is itself a bounce and is never bounced
-  (RFC 5321 §4.5.5): no loops. The report goes out with a null sender too.
+  (RFC 5321 §4.5.5): no loops. The report is queued with a null sender for the same
+  reason; Exchange Online sends only as the signed-in mailbox, so the worker gives it the
+  postmaster account's mailbox as envelope sender when it goes out.
 * ``Status`` is ``4.4.7`` when the message expired in the queue (whatever its last error
   was), else the first ``5.x.x`` code in the reason, else its first ``4.x.x`` code made
   ``5.x.x`` (same subject and detail: the failure is permanent anyway), else ``5.0.0``.

@@ -14,8 +14,8 @@ for a **sender rewrite**: the envelope sender and ``From:`` become the account's
 (Exchange Online sends only as the mailbox, or with SendAs), the original ``From:`` is kept
 in ``Reply-To:`` (unless the message has one) and any ``Sender:`` is dropped.
 
-Known limit: the queue chooses the queue id inside ``enqueue``, so the ``Received:`` header
-carries the intake's own transaction id (``id``), and the queue id is logged with it.
+The queue id is chosen before the message is written (``Queue.new_id``), so the
+``Received:`` header names it (``id``) and leads back to ``smtp365 queue show``.
 """
 
 from __future__ import annotations

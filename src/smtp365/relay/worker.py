@@ -99,7 +99,8 @@ class DeliveryPolicy:
 
 
 class ConnectionPool:
-    """Idle connections of one account, reused across messages (RSET between them)."""
+    """Idle connections of one account, reused across messages (the transport checks one that
+    sat idle with RSET before it carries the next)."""
 
     def __init__(self, account: AccountSettings, factory: TransportFactory) -> None:
         self.account = account

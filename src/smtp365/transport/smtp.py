@@ -90,6 +90,10 @@ def make_tls_context(account: AccountSettings) -> ssl.SSLContext:
 
 
 DATA_CHUNK = 256 * 1024
+# A connection idle for longer than this is checked with RSET before it carries the next
+# message (as Postfix checks a cached one): a server or a NAT box that dropped it silently
+# is found out, and the message goes over a new connection, before anything is sent.
+IDLE_CHECK = 10.0
 
 
 async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
@@ -200,6 +204,7 @@ class SmtpTransport:
         self._password = password
         self._smtp: aiosmtplib.SMTP | None = None
         self._lock = asyncio.Lock()
+        self._last_used = 0.0  # time.monotonic() when the connection last answered
         self.connections_opened = 0
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
@@ -435,6 +440,8 @@ class SmtpTransport:
         if not env.recipients:
             raise MessageError("the message has no recipients", fix="add --to, --cc or --bcc")
         async with self._lock:
+            if self.connected and time.monotonic() - self._last_used > IDLE_CHECK:
+                await self._rset()  # drops the connection if it no longer answers
             reused = self.connected
             await self._connect()
             try:
@@ -448,6 +455,8 @@ class SmtpTransport:
                 self._drop()
                 await self._connect()
                 return await self._transaction(submission)
+            finally:
+                self._last_used = time.monotonic()
 
     async def _transaction(self, submission: Submission) -> DeliveryOutcome:
         smtp = self._smtp
@@ -555,7 +564,7 @@ class SmtpTransport:
             return
         try:
             await smtp.rset()
-        except (SMTPException, OSError):
+        except (SMTPException, OSError, TimeoutError):
             self._drop()
 
     def _drop(self) -> None:
