@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
     result["peak_procs"] = sampler.peak_procs
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
-    print(f"  {args.server:<9} sessions={args.sessions:<3} {_line(result)}", flush=True)
+    print(f"  {args.server:<13} sessions={args.sessions:<3} {_line(result)}", flush=True)
     return 0 if result["error"] is None else 1
 
 
@@ -348,7 +348,7 @@ def table(path: Path, skipped: list[str]) -> int:
         "forwarding to smtp-sink"
     )
     head = (
-        f"{'server':<9} {'sessions':>8} {'accepted msg/s':>15} {'end-to-end msg/s':>17} "
+        f"{'server':<13} {'sessions':>8} {'accepted msg/s':>15} {'end-to-end msg/s':>17} "
         f"{'CPU ms/msg':>11} {'peak RSS MiB':>13} {'peak PSS MiB':>13} {'procs':>6}"
     )
     print(head)
@@ -358,13 +358,13 @@ def table(path: Path, skipped: list[str]) -> int:
         by[(r["server"], r["sessions"])] = r
         e2e = _fmt(r.get("e2e_rate")) if r["forwards"] else "n/a (no fwd)"
         print(
-            f"{r['server']:<9} {r['sessions']:>8} {_fmt(r.get('accepted_rate')):>15} "
+            f"{r['server']:<13} {r['sessions']:>8} {_fmt(r.get('accepted_rate')):>15} "
             f"{e2e:>17} {_fmt(r.get('cpu_ms'), 2):>11} "
             f"{r['peak_rss_kb'] / 1024:>13.1f} {r['peak_pss_kb'] / 1024:>13.1f} "
             f"{r['peak_procs']:>6}" + (f"  ERROR: {r['error']}" if r["error"] else "")
         )
     for name in skipped:
-        print(f"{name:<9} skipped")
+        print(f"{name:<13} skipped")
     servers = list(dict.fromkeys(r["server"] for r in rows))
     for other in (s for s in servers if s != "postfix"):
         if "postfix" not in servers:

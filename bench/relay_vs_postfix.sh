@@ -29,6 +29,8 @@ Options (environment variable in brackets):
   --quick                 N=300
   --reuse                 smtp-source -d: all messages of a session over one connection [REUSE=1]
   --baseline-aiosmtpd     also measure bench/aiosmtpd_fsync_server.py [BASELINE=1]
+  --relay-asyncio         also measure the relay on asyncio's own event loop instead of
+                          uvloop (server "relay-asyncio") [RELAY_ASYNCIO=1]
   --no-relay              skip the smtp365 relay
   --timeout SECONDS       per run, for the sink to get everything [TIMEOUT, default 300]
   --out FILE              also keep the results as JSON lines
@@ -47,6 +49,7 @@ SESSIONS=${SESSIONS:-"1 10 50"}
 SIZE=10240
 REUSE=${REUSE:-0}
 BASELINE=${BASELINE:-0}
+RELAY_ASYNCIO=${RELAY_ASYNCIO:-0}
 TIMEOUT=${TIMEOUT:-300}
 RELAY=1
 KEEP=0
@@ -58,6 +61,7 @@ while (($#)); do
     --quick) N=300 ;;
     --reuse) REUSE=1 ;;
     --baseline-aiosmtpd) BASELINE=1 ;;
+    --relay-asyncio) RELAY_ASYNCIO=1 ;;
     --no-relay) RELAY=0 ;;
     --timeout) TIMEOUT=$2; shift ;;
     --out) OUT=$2; shift ;;
@@ -366,7 +370,7 @@ start_postfix() { # DIR PORT SINK_PORT
         die "postfix smtpd did not greet (see $dir/maillog)"
 }
 
-start_relay() { # DIR PORT SINK_PORT
+start_relay() { # DIR PORT SINK_PORT [EVENT_LOOP]
     local dir=$1
     mkdir -p "$dir"
     cat >"$dir/relay.toml" <<EOF
@@ -383,6 +387,7 @@ auth = "none"
 state_dir = "$dir/relay-state"
 hostname = "relay.bench"
 processes = ${RELAY_PROCESSES:-0}
+event_loop = "${4:-uvloop}"
 
 [[relay.listeners]]
 host = "127.0.0.1"
@@ -433,6 +438,7 @@ if ((RELAY)); then
         SKIPPED+=(--skipped relay)
     fi
 fi
+((RELAY_ASYNCIO)) && [[ " ${SERVERS[*]} " == *" relay "* ]] && SERVERS+=(relay-asyncio)
 ((BASELINE)) && SERVERS+=(baseline)
 
 say "machine: $(nproc) cores, $(uname -r), work dir $WORK ($(findmnt -no FSTYPE --target "$WORK" 2>/dev/null || stat -f -c %T "$WORK"))"
@@ -454,6 +460,7 @@ for s in $SESSIONS; do
         case $server in
         postfix) start_postfix "$dir" "$port" "$sink_port" ;;
         relay) start_relay "$dir" "$port" "$sink_port" ;;
+        relay-asyncio) start_relay "$dir" "$port" "$sink_port" asyncio ;;
         baseline) start_baseline "$dir" "$port" ;;
         esac
         args=(--server "$server" --sessions "$s" --n "$N" --size "$SIZE" --port "$port"
