@@ -348,6 +348,35 @@ class QueueContract:
         assert await queue.purge_log(0, now=t0 + 10**7) == 0
         assert (await self._get(queue, waiting)).state is State.QUEUED
 
+    async def test_purge_keeps_the_history_of_messages_still_kept(
+        self, queue: Queue, clock: FakeClock
+    ) -> None:
+        t0 = clock.now
+        held = await queue.enqueue(ENVELOPE, message(1))
+        waiting = await queue.enqueue(ENVELOPE, message(2))
+        late = await queue.enqueue(ENVELOPE, message(3))
+        gone = await queue.enqueue(ENVELOPE, message(4))
+        await queue.claim(4, 60)
+        await queue.defer(held, until=t0 + 60, reason="451 4.4.1 later")
+        await queue.hold(held)
+        await queue.defer(waiting, until=t0 + 10**7, reason="451 4.7.500 later")
+        await queue.defer(late, until=t0 + 60, reason="451 4.3.2 later")
+        await queue.delete(gone)
+        clock.advance(30 * 86_400)
+        await queue.claim(1, 60)
+        await queue.complete(late, reply="250 OK")  # delivered a month after its deferral
+
+        assert await queue.purge_log(86_400) == 0
+        assert [e.event for e in await queue.history(held)] == [Event.DEFERRED, Event.HELD]
+        assert [e.event for e in await queue.history(waiting)] == [Event.DEFERRED]
+        assert [e.event for e in await queue.history(late)] == [Event.DEFERRED, Event.DELIVERED]
+        assert await queue.history(gone) == []  # deleted long ago: its trace goes
+
+        clock.advance(2 * 86_400)
+        assert await queue.purge_log(86_400) == 1  # the delivered one, with its history
+        assert await queue.history(late) == []
+        assert [e.event for e in await queue.history(held)] == [Event.DEFERRED, Event.HELD]
+
     # ------------------------------------------------------------------ ids, concurrency
 
     async def test_ids_unique_and_sortable(self, queue: Queue, clock: FakeClock) -> None:

@@ -13,12 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from smtp365.relay.queue import State
-from smtp365.relay.service import RelayService
+from smtp365.relay.queue import Event, State
+from smtp365.relay.service import PURGE_EVERY, RelayService
 from smtp365.relay.users import UserDB
 from smtp365.sandbox import Sandbox, SandboxSettings
 from smtp365.sandbox.settings import FaultRule, FaultSettings, LimitSettings
-from tests.relay.service_helpers import ALICE, BOB, account, settings, settled, until
+from tests.relay.service_helpers import (
+    ALICE,
+    BOB,
+    SteppedClock,
+    account,
+    settings,
+    settled,
+    states,
+    until,
+)
 
 
 @pytest.fixture
@@ -418,3 +427,46 @@ async def _smuggling_through(
         if m.subject.startswith("one-"):
             # the smuggled commands arrived as text inside the one message, dot-stuffed
             assert b"MAIL FROM:<evil@smuggled.example>" in sandbox.store.content(m.id)
+
+
+async def test_purge_loop_drops_old_finished_entries_and_keeps_pending_ones(
+    tmp_path: Path,
+) -> None:
+    sb = Sandbox(tmp_path / "sbx")
+    await sb.start()
+    clock = SteppedClock()
+    day = 86_400.0
+    cfg = settings(sb, tmp_path / "relay", relay={"processes": 1, "delivery_log_days": 7})
+    try:
+        async with RelayService(cfg, clock=clock) as relay:
+            assert relay.queue is not None
+            queue = relay.queue
+            port = relay.listeners[0].port
+            await clock.slept(PURGE_EVERY, 1)  # the first round, at start
+            await asyncio.to_thread(smtp_send, port, ALICE, ["x@example.net"], body("kept"))
+            sb.faults.set("rcpt", reply="550 5.1.10 RESOLVER.ADR.RecipientNotFound", times=1)
+            await asyncio.to_thread(smtp_send, port, ALICE, ["gone@example.net"], body("lost"))
+            await settled(relay)
+            sb.faults.set("mail", reply="451 4.7.500 Access denied, please try again later")
+            await asyncio.to_thread(smtp_send, port, ALICE, ["x@example.net"], body("later"))
+
+            async def deferred() -> bool:
+                return (await queue.stats())[State.DEFERRED] == 1
+
+            await until(deferred)  # the clock stands still: no retry until it moves
+            [waiting] = await queue.list(State.DEFERRED)
+            await queue.hold(waiting.id)
+            finished = {State.DELIVERED: 2, State.FAILED: 1, State.HELD: 1}  # with the bounce
+            assert await states(relay) == finished
+
+            clock.advance(6 * day)
+            await clock.slept(PURGE_EVERY, 2)
+            assert await states(relay) == finished  # not a week old yet
+
+            clock.advance(1.5 * day)
+            await clock.slept(PURGE_EVERY, 3)
+            assert await states(relay) == {State.HELD: 1}
+            history = [e.event for e in await queue.history(waiting.id)]
+            assert history == [Event.DEFERRED, Event.HELD]
+    finally:
+        await sb.stop()

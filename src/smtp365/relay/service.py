@@ -40,7 +40,7 @@ from smtp365.relay.ratelimit import RateLimiter
 from smtp365.relay.scheduler import Scheduler, make_router
 from smtp365.relay.tlscert import self_signed
 from smtp365.relay.users import UserDB, sender_allowed
-from smtp365.relay.worker import DeliveryPolicy, TransportFactory, Worker
+from smtp365.relay.worker import Clock, DeliveryPolicy, SystemClock, TransportFactory, Worker
 
 __all__ = ["RelayService", "accounts_of", "settle_gc"]
 
@@ -57,7 +57,10 @@ def accounts_of(settings: Settings) -> dict[str, AccountSettings]:
 
 
 class RelayService:
-    """Build with settings, then ``await start()`` / ``await stop()``, or ``await run()``."""
+    """Build with settings, then ``await start()`` / ``await stop()``, or ``await run()``.
+
+    ``clock`` (wall and monotonic time, sleeping) drives the queue, the budgets, the
+    scheduler and the log purge; tests move a fake one."""
 
     def __init__(
         self,
@@ -65,8 +68,10 @@ class RelayService:
         *,
         state_dir: Path | None = None,
         transport_factory: TransportFactory | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()
         self.config: RelayConfig = settings.relay
         self.state_dir = (
             state_dir or self.config.resolved_state_dir(settings.state_home)
@@ -131,7 +136,7 @@ class RelayService:
             return
         self._started = True
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.queue = queue = await SqliteQueue.open(self.state_dir / "queue")
+        self.queue = queue = await SqliteQueue.open(self.state_dir / "queue", clock=self.clock.time)
         try:
             await self._start_parts(queue)
         except BaseException:
@@ -148,11 +153,13 @@ class RelayService:
             account=self.postmaster,
             from_address=postmaster.sender or postmaster.username or f"postmaster@{self.hostname}",
             reporting_mta=self.hostname,
+            clock=self.clock.time,
         )
         self.worker = Worker(
             queue,
             self.accounts,
-            limiter=RateLimiter(self.budget),
+            limiter=RateLimiter(self.budget, clock=self.clock.monotonic),
+            clock=self.clock,
             backoff=Backoff(
                 base=cfg.retry_base, cap=cfg.retry_max, max_lifetime=cfg.max_queue_lifetime
             ),
@@ -315,7 +322,7 @@ class RelayService:
         keep = self.config.delivery_log_days * 86_400.0
         while True:
             try:
-                removed = await self.queue.purge_log(time.time() - keep)
+                removed = await self.queue.purge_log(keep, now=self.clock.time())
                 if removed:
                     log.info(
                         "delivery log: purged %d entries older than %g days",
@@ -324,7 +331,7 @@ class RelayService:
                     )
             except Exception:
                 log.exception("purging the delivery log failed")
-            await asyncio.sleep(PURGE_EVERY)
+            await self.clock.sleep(PURGE_EVERY)
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop (signal handlers call this)."""

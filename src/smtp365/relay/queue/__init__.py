@@ -215,8 +215,10 @@ class Queue(Protocol):
     async def stats(self) -> QueueStats: ...
 
     async def purge_log(self, older_than: float, *, now: float | None = None) -> int:
-        """Forget delivered/failed messages finished more than ``older_than`` seconds ago,
-        and log entries as old; returns how many messages went."""
+        """Forget delivered/failed messages finished more than ``older_than`` seconds ago
+        (``now`` minus ``older_than``) with their history, and log entries as old of
+        messages no longer in the queue (deleted); the history of a message still in the
+        queue is kept whatever its age. Returns how many messages went."""
         ...
 
     async def close(self) -> None: ...

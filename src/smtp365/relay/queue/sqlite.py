@@ -1022,7 +1022,14 @@ class SqliteQueue:
                     "DELETE FROM bodies WHERE id = ?",
                     [(row["id"],) for row in rows if row["body"] == "inline"],
                 )
-                conn.execute("DELETE FROM log WHERE at < ?", (cutoff,))
+                conn.executemany("DELETE FROM log WHERE queue_id = ?", [(r["id"],) for r in rows])
+                # A message's history stays as long as the message does (pending ones above
+                # all); what is left of messages deleted by the operator goes with its age.
+                conn.execute(
+                    "DELETE FROM log INDEXED BY log_at WHERE at < ?"
+                    " AND NOT EXISTS (SELECT 1 FROM messages WHERE id = log.queue_id)",
+                    (cutoff,),
+                )
                 spool = [self._spool_path(row["id"]) for row in rows if row["body"] == "spool"]
                 return len(rows), spool
 
