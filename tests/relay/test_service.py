@@ -470,3 +470,86 @@ async def test_purge_loop_drops_old_finished_entries_and_keeps_pending_ones(
             assert history == [Event.DEFERRED, Event.HELD]
     finally:
         await sb.stop()
+
+
+async def test_a_restart_keeps_counting_the_messages_of_the_window(tmp_path: Path) -> None:
+    # Exchange's 30 messages a minute scaled down to 5 per 5 s on both sides; the relay
+    # restarts between two rounds of 5, well within the window.
+    limit, window = 5, 5.0
+    limits = LimitSettings(messages_per_minute=limit, rate_window_seconds=window)
+    sb = Sandbox(tmp_path / "sbx", SandboxSettings(limits=limits))
+    await sb.start()
+    budget = {"messages_per_minute": limit, "minute": window}
+    cfg = settings(sb, tmp_path / "relay", relay={"budget": budget, "processes": 1})
+    try:
+        for round_ in range(2):
+            async with RelayService(cfg) as relay:
+                port = relay.listeners[0].port
+                for i in range(limit):
+                    subject = f"r{round_}-{i}"
+                    await asyncio.to_thread(
+                        smtp_send, port, ALICE, ["x@example.net"], body(subject)
+                    )
+                await settled(relay, timeout=30)
+        assert sb.stats.throttle_replies == 0
+        assert len(sb.store.list()) == 2 * limit
+    finally:
+        await sb.stop()
+
+
+async def test_the_day_budget_and_a_quota_pause_survive_a_restart(tmp_path: Path) -> None:
+    sb = Sandbox(tmp_path / "sbx")
+    await sb.start()
+    clock = SteppedClock()
+    day = 86_400.0
+    quota = "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException"
+    relay_table = {"processes": 1, "budget": {"recipients_per_day": 3}}
+    cfg = settings(sb, tmp_path / "relay", relay=relay_table)
+    two = ["x@example.net", "y@example.net"]
+    try:
+        async with RelayService(cfg, clock=clock) as relay:
+            port = relay.listeners[0].port
+            await asyncio.to_thread(smtp_send, port, ALICE, two, body("first"))
+            await settled(relay)
+            sb.faults.set("data", reply=quota, times=1)  # Exchange counts more than we do
+            await asyncio.to_thread(smtp_send, port, ALICE, ["z@example.net"], body("quota"))
+            await until(
+                lambda: (
+                    relay.worker is not None
+                    and relay.worker.limiter.paused_until(ALICE) is not None
+                )
+            )
+            await relay_deferred(relay, 1)
+
+        async with RelayService(cfg, clock=clock) as relay:
+            assert relay.worker is not None
+            limiter = relay.worker.limiter
+            assert limiter.paused_until(ALICE) == pytest.approx(clock.mono + day, abs=1)
+            assert limiter.state(ALICE).pause_reason == quota
+            assert limiter.state(ALICE).recipients.used(clock.mono) == 3  # 2 + 1 (counted)
+            port = relay.listeners[0].port
+            await asyncio.to_thread(smtp_send, port, ALICE, ["w@example.net"], body("after"))
+            await relay_deferred(relay, 2)
+            assert relay.queue is not None
+            reasons = {m.last_reason for m in await relay.queue.list(State.DEFERRED)}
+            assert f"mailbox paused: {quota}" in reasons
+            assert [m.subject for m in sb.store.list()] == ["first"]
+
+            clock.advance(day + 1)  # the pause ends, the day's recipients leave the window
+            assert relay.scheduler is not None
+            relay.scheduler.wake()  # it may be between two polls, past the moment moved
+            await settled(relay)
+        assert sorted(m.subject for m in sb.store.list()) == ["after", "first", "quota"]
+        assert sb.stats.throttle_replies == 0
+    finally:
+        await sb.stop()
+
+
+async def relay_deferred(relay: RelayService, n: int) -> None:
+    queue = relay.queue
+    assert queue is not None
+
+    async def deferred() -> bool:
+        return (await queue.stats())[State.DEFERRED] == n
+
+    await until(deferred)

@@ -167,6 +167,7 @@ class RelayService:
             on_failed=bouncer,
             transport_factory=self._factory,
         )
+        await self._restore_budgets(queue, self.worker.limiter)
         self.scheduler = Scheduler(
             queue,
             self.worker,
@@ -204,6 +205,37 @@ class RelayService:
             len(users),
             queue.root,
         )
+
+    def _ledger_window(self) -> float:
+        """How far back the budgets look: the longer of their two windows."""
+        return max(self.config.budget.day, self.config.budget.minute)
+
+    async def _restore_budgets(self, queue: SqliteQueue, limiter: RateLimiter) -> None:
+        """Hand what the mailboxes sent and how they were paused before this start (the
+        queue's ledger) to the budgets, wall-clock times turned into the limiter's clock."""
+        wall, mono = self.clock.time(), self.clock.monotonic()
+        ledger = await queue.ledger(wall - self._ledger_window())
+        for sent in ledger.sent:
+            limiter.record(sent.mailbox, mono - (wall - min(sent.at, wall)), sent.recipients)
+        paused: set[str] = set()
+        for pause in ledger.pauses:
+            if pause.until > wall:
+                limiter.pause(pause.mailbox, mono + (pause.until - wall), pause.reason)
+                paused.add(pause.mailbox)
+        if ledger.sent:
+            log.info(
+                "budgets: %d earlier submission(s) of %d mailbox(es) still count",
+                len(ledger.sent),
+                len({sent.mailbox for sent in ledger.sent}),
+            )
+        for mailbox in sorted(paused):
+            until = limiter.paused_until(mailbox) or mono
+            log.warning(
+                "budgets: %s stays paused for %.0f s: %s",
+                mailbox,
+                until - mono,
+                limiter.state(mailbox).pause_reason,
+            )
 
     def _process_count(self) -> int:
         return self.config.processes or os.cpu_count() or 1
@@ -322,7 +354,9 @@ class RelayService:
         keep = self.config.delivery_log_days * 86_400.0
         while True:
             try:
-                removed = await self.queue.purge_log(keep, now=self.clock.time())
+                removed = await self.queue.purge_log(
+                    keep, now=self.clock.time(), keep_ledger=self._ledger_window()
+                )
                 if removed:
                     log.info(
                         "delivery log: purged %d entries older than %g days",
