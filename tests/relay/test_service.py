@@ -178,7 +178,8 @@ async def test_permanent_failure_bounces_to_the_sender(tmp_path: Path) -> None:
         async with RelayService(settings(sb, tmp_path / "relay")) as relay:
             port = relay.listeners[0].port
             await asyncio.to_thread(smtp_send, port, ALICE, ["gone@example.net"], body("lost"))
-            await settled(relay)
+            # not settled(): nothing is pending between the failure and its bounce's enqueue
+            await until(lambda: has_states(relay, {State.FAILED: 1, State.DELIVERED: 1}))
             assert relay.queue is not None
             [failed] = await relay.queue.list(State.FAILED)
             assert "5.1.10" in failed.last_reason
@@ -257,6 +258,10 @@ async def test_30_per_minute_scaled_down_no_throttle_and_over_90_percent_used(
         assert used >= 0.9
     finally:
         await sb.stop()
+
+
+async def has_states(relay: RelayService, expected: dict[State, int]) -> bool:
+    return await states(relay) == expected
 
 
 class Switch:
@@ -446,7 +451,7 @@ async def test_purge_loop_drops_old_finished_entries_and_keeps_pending_ones(
             await asyncio.to_thread(smtp_send, port, ALICE, ["x@example.net"], body("kept"))
             sb.faults.set("rcpt", reply="550 5.1.10 RESOLVER.ADR.RecipientNotFound", times=1)
             await asyncio.to_thread(smtp_send, port, ALICE, ["gone@example.net"], body("lost"))
-            await settled(relay)
+            await until(lambda: has_states(relay, {State.FAILED: 1, State.DELIVERED: 2}))
             sb.faults.set("mail", reply="451 4.7.500 Access denied, please try again later")
             await asyncio.to_thread(smtp_send, port, ALICE, ["x@example.net"], body("later"))
 
