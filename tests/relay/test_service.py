@@ -16,6 +16,7 @@ import pytest
 from smtp365.relay.queue import Event, State
 from smtp365.relay.service import PURGE_EVERY, RelayService
 from smtp365.relay.users import UserDB
+from smtp365.relay.worker import Result
 from smtp365.sandbox import Sandbox, SandboxSettings
 from smtp365.sandbox.settings import FaultRule, FaultSettings, LimitSettings
 from tests.relay.service_helpers import (
@@ -558,3 +559,42 @@ async def relay_deferred(relay: RelayService, n: int) -> None:
         return (await queue.stats())[State.DEFERRED] == n
 
     await until(deferred)
+
+
+async def test_a_null_sender_stays_null_on_a_rewriting_route(tmp_path: Path) -> None:
+    sb = Sandbox(tmp_path / "sbx")
+    await sb.start()
+    relay_table = {
+        "networks": [{"cidr": "127.0.0.0/8", "name": "printers", "senders": ["*", "<>"]}],
+        "routes": [{"client": "printers", "account": "alice", "rewrite_sender": True}],
+    }
+    report = (
+        b"From: Mail Delivery System <MAILER-DAEMON@printer.local>\r\nTo: x@example.net\r\n"
+        b"Subject: Undelivered Mail Returned to Sender\r\n\r\nreport\r\n"
+    )
+    try:
+        async with RelayService(settings(sb, tmp_path / "relay", relay=relay_table)) as relay:
+            assert relay.queue is not None
+            port = relay.listeners[0].port
+            await asyncio.to_thread(smtp_send, port, "", ["x@example.net"], report)
+            await settled(relay)
+            [sent] = sb.store.list()
+            assert sent.mail_from == ALICE  # on the wire: Exchange sends only as the mailbox
+            msg = email.message_from_bytes(sb.store.content(sent.id), policy=email.policy.default)
+            assert msg["From"].addresses[0].addr_spec == ALICE  # else 5.2.252 SendAsDenied
+            assert msg["From"].addresses[0].display_name == "Mail Delivery System"
+            assert msg["Reply-To"].addresses[0].addr_spec == "MAILER-DAEMON@printer.local"
+            [delivered] = await relay.queue.list(State.DELIVERED)
+            assert delivered.sender == ""
+
+            sb.faults.set("rcpt", reply="550 5.1.10 RESOLVER.ADR.RecipientNotFound", times=1)
+            await asyncio.to_thread(smtp_send, port, "", ["gone@example.net"], report)
+            scheduler = relay.scheduler
+            assert scheduler is not None
+            await until(lambda: scheduler.results[Result.FAILED] == 1)  # its on_failed is done
+            [failed] = await relay.queue.list(State.FAILED)
+            assert failed.sender == "" and "5.1.10" in failed.last_reason
+            assert len(await relay.queue.list()) == 2  # no bounce of the bounce
+        assert len(sb.store.list()) == 1
+    finally:
+        await sb.stop()
