@@ -9,6 +9,7 @@ import shutil
 import smtplib
 import socket
 import sqlite3
+import ssl
 import threading
 import uuid
 from collections import Counter
@@ -242,6 +243,59 @@ async def test_real_clients_through_the_relay_process(
     assert "SIGTERM: stopping" in log and "relay stopped" in log
     assert log.count("accepted ") == 6 and log.count("delivered ") == 6
     assert "printer password 1" not in log
+
+
+def _starttls_login(port: int, user: str, password: str) -> bool:
+    """A real AUTH inside STARTTLS; whether the relay took it (235)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the relay's self-signed certificate
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.starttls(context=ctx)
+        try:
+            s.login(user, password)
+        except smtplib.SMTPAuthenticationError as exc:
+            assert exc.smtp_code == 535, exc
+            return False
+        return True
+
+
+async def test_passwd_takes_effect_in_the_running_relay(
+    run_cli: Run, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    state = tmp_path / "relay"
+
+    async def passwd(*args: str, password: str | None = None) -> None:
+        """``smtp365 relay passwd``, the command an operator runs."""
+        if password is not None:
+            args += ("--password-stdin",)
+        stdin = b"" if password is None else f"{password}\n".encode()
+        r = await run_cli("relay", "passwd", *args, "--state-dir", str(state), stdin=stdin)
+        assert r.code == 0, r.stderr
+
+    await passwd("mfp", "-s", ALICE, password="first password 1")
+    await passwd("other", "-s", ALICE, password="other password 1")
+    listeners = [{"host": "127.0.0.1", "port": 0, "mode": "starttls"}]
+    relay = await RelayProcess(
+        config(tmp_path, sandbox, listeners=listeners, processes=2), cwd=tmp_path
+    ).start()
+    try:
+        port = relay.ports["starttls"]
+        assert await asyncio.to_thread(_starttls_login, port, "mfp", "first password 1")
+        await passwd("mfp", password="second password 2")
+        # Each connection goes to whichever of the two processes accepts it first: every
+        # one of them has to see the new password.
+        for _ in range(6):
+            assert await asyncio.to_thread(_starttls_login, port, "mfp", "second password 2")
+        assert not await asyncio.to_thread(_starttls_login, port, "mfp", "first password 1")
+        await passwd("mfp", "--delete")
+        assert not await asyncio.to_thread(_starttls_login, port, "mfp", "second password 2")
+        assert await asyncio.to_thread(_starttls_login, port, "other", "other password 1")
+    finally:
+        assert await relay.terminate() == 0
+    log = "\n".join(relay.log)
+    assert "users file" in log and "changed: 1 user(s)" in log
+    assert "second password 2" not in log
 
 
 def _smtplib_send(port: int, data: bytes) -> None:
