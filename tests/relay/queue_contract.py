@@ -15,7 +15,7 @@ import pytest
 
 from smtp365.errors import QueueError
 from smtp365.models import Envelope
-from smtp365.relay.queue import Event, Queue, QueuedMessage, State
+from smtp365.relay.queue import Event, Ledger, Pause, Queue, QueuedMessage, Sent, State
 from smtp365.relay.queue.sqlite import SqliteQueue
 from tests.relay.conftest import FakeClock
 
@@ -347,6 +347,134 @@ class QueueContract:
         # pending messages are never purged, however old
         assert await queue.purge_log(0, now=t0 + 10**7) == 0
         assert (await self._get(queue, waiting)).state is State.QUEUED
+
+    async def test_purge_keeps_the_history_of_messages_still_kept(
+        self, queue: Queue, clock: FakeClock
+    ) -> None:
+        t0 = clock.now
+        held = await queue.enqueue(ENVELOPE, message(1))
+        waiting = await queue.enqueue(ENVELOPE, message(2))
+        late = await queue.enqueue(ENVELOPE, message(3))
+        gone = await queue.enqueue(ENVELOPE, message(4))
+        await queue.claim(4, 60)
+        await queue.defer(held, until=t0 + 60, reason="451 4.4.1 later")
+        await queue.hold(held)
+        await queue.defer(waiting, until=t0 + 10**7, reason="451 4.7.500 later")
+        await queue.defer(late, until=t0 + 60, reason="451 4.3.2 later")
+        await queue.delete(gone)
+        clock.advance(30 * 86_400)
+        await queue.claim(1, 60)
+        await queue.complete(late, reply="250 OK")  # delivered a month after its deferral
+
+        assert await queue.purge_log(86_400) == 0
+        assert [e.event for e in await queue.history(held)] == [Event.DEFERRED, Event.HELD]
+        assert [e.event for e in await queue.history(waiting)] == [Event.DEFERRED]
+        assert [e.event for e in await queue.history(late)] == [Event.DEFERRED, Event.DELIVERED]
+        assert await queue.history(gone) == []  # deleted long ago: its trace goes
+
+        clock.advance(2 * 86_400)
+        assert await queue.purge_log(86_400) == 1  # the delivered one, with its history
+        assert await queue.history(late) == []
+        assert [e.event for e in await queue.history(held)] == [Event.DEFERRED, Event.HELD]
+
+    # ------------------------------------------------------------------ the sending ledger
+
+    async def test_ledger_goes_with_complete_defer_fail_and_record(
+        self, queue: Queue, clock: FakeClock
+    ) -> None:
+        t0 = clock.now
+        a, b, c = [await queue.enqueue(ENVELOPE, message(i)) for i in range(3)]
+        await queue.claim(3, 60)
+        assert await queue.ledger(0) == Ledger()
+        await queue.complete(
+            a,
+            reply="250 OK",
+            ledger=[Sent("Alice@Contoso.test", t0 + 1, 2), Sent("alice@contoso.test", t0 + 2)],
+        )
+        quota = "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException"
+        await queue.defer(
+            b,
+            until=t0 + 600,
+            reason=quota,
+            ledger=[
+                Sent("alice@contoso.test", t0 + 3, 2),
+                Pause("alice@contoso.test", t0 + 600, quota),
+            ],
+        )
+        await queue.fail(
+            c, reason="550 5.2.252 SendAsDenied", ledger=[Sent("bob@contoso.test", t0 + 4, 1)]
+        )
+        await queue.record(
+            [Sent("bob@contoso.test", t0 + 0.5, 3), Pause("bob@contoso.test", t0 + 50)]
+        )
+        await queue.record([])
+
+        got = await queue.ledger(t0)
+        assert got.sent == (
+            Sent("bob@contoso.test", t0 + 0.5, 3),
+            Sent("alice@contoso.test", t0 + 1, 2),  # mailboxes in lower case
+            Sent("alice@contoso.test", t0 + 2, 1),
+            Sent("alice@contoso.test", t0 + 3, 2),
+            Sent("bob@contoso.test", t0 + 4, 1),
+        )
+        assert got.pauses == (
+            Pause("bob@contoso.test", t0 + 50, ""),
+            Pause("alice@contoso.test", t0 + 600, quota),
+        )
+        later = await queue.ledger(t0 + 2)  # sends from then on, pauses lasting past it
+        assert [s.at for s in later.sent] == [t0 + 2, t0 + 3, t0 + 4]
+        assert len(later.pauses) == 2
+        assert (await queue.ledger(t0 + 100)).pauses == (got.pauses[1],)
+        # the message changes happened as they would have without a ledger
+        assert [(await self._get(queue, i)).state for i in (a, b, c)] == [
+            State.DELIVERED,
+            State.DEFERRED,
+            State.FAILED,
+        ]
+
+    async def test_ledger_is_kept_when_the_change_is_refused(
+        self, queue: Queue, clock: FakeClock
+    ) -> None:
+        qid = await queue.enqueue(ENVELOPE, message(1))
+        await queue.claim(1, 60)
+        await queue.complete(qid, reply="250 OK")
+        sent = Sent("alice@contoso.test", clock.now, 1)
+        # a worker whose lease ran out sent it again: the message is settled, the send counts
+        with pytest.raises(QueueError, match="already delivered"):
+            await queue.complete(qid, reply="250 OK", ledger=[sent])
+        with pytest.raises(QueueError, match="no message"):
+            await queue.defer("01JZZZZZZZZZZZZZZZZZZZZZZZ", until=0, reason="x", ledger=[sent])
+        assert (await queue.ledger(0)).sent == (sent, sent)
+
+    async def test_ledger_is_shared_and_survives_reopen(
+        self, queue_factory: QueueFactory, clock: FakeClock
+    ) -> None:
+        first, second = await queue_factory(), await queue_factory()
+        await first.record([Sent("alice@contoso.test", clock.now, 7)])
+        pause = Pause("alice@contoso.test", clock.now + 3600, "550 5.2.251 throttled")
+        await second.record([pause])
+        expected = Ledger(sent=(Sent("alice@contoso.test", clock.now, 7),), pauses=(pause,))
+        assert await first.ledger(0) == await second.ledger(0) == expected
+        await first.close()
+        await second.close()
+        assert await (await queue_factory()).ledger(0) == expected
+
+    async def test_purge_prunes_the_ledger(self, queue: Queue, clock: FakeClock) -> None:
+        t0 = clock.now
+        await queue.record(
+            [
+                Sent("alice@contoso.test", t0, 1),
+                Sent("alice@contoso.test", t0 + 100, 1),
+                Pause("alice@contoso.test", t0 + 10, "ended"),
+                Pause("alice@contoso.test", t0 + 200, "later"),
+            ]
+        )
+        assert await queue.purge_log(86_400, now=t0 + 150, keep_ledger=100) == 0
+        left = await queue.ledger(0)
+        assert [s.at for s in left.sent] == [t0 + 100]
+        assert [p.reason for p in left.pauses] == ["later"]
+        await queue.purge_log(50, now=t0 + 260)  # the ledger kept as long as the log
+        assert await queue.ledger(0) == Ledger()
 
     # ------------------------------------------------------------------ ids, concurrency
 

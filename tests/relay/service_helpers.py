@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,47 @@ async def settled(service: RelayService, timeout: float = 15.0) -> None:
 async def states(service: RelayService) -> dict[State, int]:
     assert service.queue is not None
     return dict((await service.queue.stats()).counts)
+
+
+class SteppedClock:
+    """A relay's clock (:class:`~smtp365.relay.worker.Clock`) that moves only when the test
+    calls :meth:`advance`: wall and monotonic time start at the real ones and stand still,
+    and a sleep ends once the clock has been moved past its end, never by itself."""
+
+    def __init__(self) -> None:
+        self.wall = time.time()
+        self.mono = time.monotonic()
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+        self._slept: Counter[float] = Counter()  # sleeps begun, by length
+        self._changed = asyncio.Event()
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    async def sleep(self, seconds: float) -> None:
+        wake = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.mono + max(0.0, seconds), wake))
+        self._slept[seconds] += 1
+        self._changed.set()
+        try:
+            await wake
+        finally:
+            self._sleepers = [(end, f) for end, f in self._sleepers if f is not wake]
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+        for end, wake in self._sleepers:
+            if end <= self.mono and not wake.done():
+                wake.set_result(None)
+
+    async def slept(self, seconds: float, times: int, timeout: float = 15.0) -> None:
+        """Until sleeps of ``seconds`` have begun ``times`` times (a loop that sleeps after
+        each round has then finished that many rounds)."""
+        async with asyncio.timeout(timeout):
+            while self._slept[seconds] < times:
+                self._changed.clear()
+                await self._changed.wait()

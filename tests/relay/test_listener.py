@@ -467,6 +467,28 @@ def test_users_file(tmp_path: Path) -> None:
     assert not user.may_send_as("x@other.example") and not user.may_send_as("")
 
 
+def test_users_file_changed_by_another_process_is_read_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "users.json"
+    UserDB(path, hasher=FAST_HASHER).add("scanner", "old pw")
+    running = UserDB(path, hasher=FAST_HASHER)  # the relay's copy
+    assert running.verify("scanner", "old pw") and not running.refresh()
+    UserDB(path, hasher=FAST_HASHER).add("scanner", "new pw", ["*@corp.example"])
+    assert running.verify("scanner", "new pw") and not running.verify("scanner", "old pw")
+    assert running.get("scanner") is not None
+    UserDB(path, hasher=FAST_HASHER).remove("scanner")
+    assert not running.verify("scanner", "new pw") and running.names() == []
+    UserDB(path, hasher=FAST_HASHER).add("printer", "pw")
+    path.write_text('{"users": ')  # damaged (by hand): nobody gets in, said once
+    with caplog.at_level("ERROR", "smtp365.relay.users"):
+        assert not running.verify("printer", "pw") and not running.verify("printer", "pw")
+    assert sum("users file unusable" in r.getMessage() for r in caplog.records) == 1
+    path.unlink()
+    UserDB(path, hasher=FAST_HASHER).add("printer", "pw")
+    assert running.verify("printer", "pw")
+
+
 def test_network_policy_ipv6_and_mapped() -> None:
     policy = RelayPolicy([NetworkRule.parse("2001:db8::/32"), NetworkRule.parse("10.0.0.0/8")])
     assert policy.network_for("2001:db8::1") is not None

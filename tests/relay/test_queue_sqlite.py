@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from smtp365.errors import QueueError
-from smtp365.relay.queue import Event, State
+from smtp365.relay.queue import Event, Ledger, Pause, Sent, State
 from smtp365.relay.queue.ids import IdGenerator, is_queue_id
 from smtp365.relay.queue.sqlite import SqliteQueue
 from tests.relay.conftest import FakeClock
@@ -196,6 +196,54 @@ async def test_a_queue_from_a_newer_version_is_refused(root: Path, clock: FakeCl
     conn.close()
     with pytest.raises(QueueError, match="newer smtp365"):
         await SqliteQueue.open(root, clock=clock)
+
+
+async def test_a_queue_of_schema_1_gains_the_ledger(root: Path, clock: FakeClock) -> None:
+    queue = await SqliteQueue.open(root, clock=clock)
+    qid = await queue.enqueue(ENVELOPE, SMALL)
+    await queue.close()
+    with sqlite3.connect(root / "queue.db") as conn:  # what the first release made
+        conn.executescript("DROP TABLE sent; DROP TABLE pauses; PRAGMA user_version = 1;")
+    conn.close()
+    queue = await SqliteQueue.open(root, clock=clock)
+    try:
+        assert await queue.ledger(0) == Ledger()
+        assert len(await queue.claim(1, 60)) == 1
+        await queue.complete(qid, reply="250", ledger=[Sent("a@b.test", clock.now, 1)])
+        assert (await queue.ledger(0)).sent == (Sent("a@b.test", clock.now, 1),)
+        assert await queue._read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 2
+    finally:
+        await queue.close()
+
+
+async def test_the_ledger_costs_no_commit_of_its_own(
+    queue: SqliteQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [await queue.enqueue(ENVELOPE, SMALL) for _ in range(20)]
+    await queue.claim(20, 60)
+    sizes: list[int] = []
+    synchronous: list[str] = []
+    run_batch = queue._run_batch
+
+    def recording(batch: list[Any]) -> list[tuple[bool, Any]]:
+        sizes.append(len(batch))
+        try:
+            return run_batch(batch)
+        finally:
+            synchronous.append(queue._synchronous)
+
+    monkeypatch.setattr(queue, "_run_batch", recording)
+    now = queue._clock()
+    await queue.complete(ids[0], reply="250", ledger=[Sent("a@b.test", now, 1)])
+    assert sizes == [1] and synchronous == ["NORMAL"]  # one change, one commit, no fsync
+    pause = Pause("a@b.test", now + 60, "554 5.2.0")
+    await asyncio.gather(
+        *(queue.complete(i, reply="250", ledger=[Sent("a@b.test", now, 2)]) for i in ids[1:10]),
+        *(queue.defer(i, until=now, reason="x", ledger=[pause]) for i in ids[10:]),
+    )
+    assert sum(sizes) == 20 and len(sizes) < 20  # batched like any other change
+    got = await queue.ledger(0)
+    assert [s.recipients for s in got.sent] == [1] + [2] * 9 and got.pauses == (pause,) * 10
 
 
 async def test_database_is_wal_with_full_sync(queue: SqliteQueue) -> None:

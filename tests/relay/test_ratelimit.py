@@ -149,3 +149,21 @@ def test_window_totals_match_a_recount_under_random_use() -> None:
         recount = sum(w for t, w in settled if t > now - 10.0) + sum(pending.values())
         assert window.used(now) == recount
         assert recount <= 50
+
+
+def test_sends_recorded_from_before_a_restart_count_like_granted_ones() -> None:
+    clock = Clock()
+    limits = Limits(messages_per_window=3, message_window=60.0, recipients_per_window=10)
+    rl = RateLimiter(limits, clock=clock)
+    rl.record(MBX, clock.now - 50, 4)  # out of the message window in 10 s, the day's in a day
+    rl.record(MBX.upper(), clock.now - 10, 4)
+    assert rl.try_acquire(MBX, 3) is None  # 8 of 10 recipients used
+    assert rl.earliest(MBX, 2) == clock.now
+    rl.release(rl.try_acquire(MBX, 2) or pytest.fail("no grant"))
+    assert rl.earliest(MBX) == pytest.approx(clock.now + 86_350, abs=0.01)  # recipients full
+    clock.now += 86_351
+    assert rl.try_acquire(MBX, 4) is not None
+    again = RateLimiter(limits, clock=clock)
+    for at in (clock.now - 30, clock.now - 20, clock.now - 1):
+        again.record(MBX, at)
+    assert again.earliest(MBX) == pytest.approx(clock.now + 30, abs=0.01)  # 3 a minute

@@ -13,12 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from smtp365.relay.queue import State
-from smtp365.relay.service import RelayService
+from smtp365.relay.queue import Event, State
+from smtp365.relay.service import PURGE_EVERY, RelayService
 from smtp365.relay.users import UserDB
+from smtp365.relay.worker import Result
 from smtp365.sandbox import Sandbox, SandboxSettings
 from smtp365.sandbox.settings import FaultRule, FaultSettings, LimitSettings
-from tests.relay.service_helpers import ALICE, BOB, account, settings, settled, until
+from tests.relay.service_helpers import (
+    ALICE,
+    BOB,
+    SteppedClock,
+    account,
+    settings,
+    settled,
+    states,
+    until,
+)
 
 
 @pytest.fixture
@@ -169,7 +179,8 @@ async def test_permanent_failure_bounces_to_the_sender(tmp_path: Path) -> None:
         async with RelayService(settings(sb, tmp_path / "relay")) as relay:
             port = relay.listeners[0].port
             await asyncio.to_thread(smtp_send, port, ALICE, ["gone@example.net"], body("lost"))
-            await settled(relay)
+            # not settled(): nothing is pending between the failure and its bounce's enqueue
+            await until(lambda: has_states(relay, {State.FAILED: 1, State.DELIVERED: 1}))
             assert relay.queue is not None
             [failed] = await relay.queue.list(State.FAILED)
             assert "5.1.10" in failed.last_reason
@@ -248,6 +259,10 @@ async def test_30_per_minute_scaled_down_no_throttle_and_over_90_percent_used(
         assert used >= 0.9
     finally:
         await sb.stop()
+
+
+async def has_states(relay: RelayService, expected: dict[State, int]) -> bool:
+    return await states(relay) == expected
 
 
 class Switch:
@@ -418,3 +433,168 @@ async def _smuggling_through(
         if m.subject.startswith("one-"):
             # the smuggled commands arrived as text inside the one message, dot-stuffed
             assert b"MAIL FROM:<evil@smuggled.example>" in sandbox.store.content(m.id)
+
+
+async def test_purge_loop_drops_old_finished_entries_and_keeps_pending_ones(
+    tmp_path: Path,
+) -> None:
+    sb = Sandbox(tmp_path / "sbx")
+    await sb.start()
+    clock = SteppedClock()
+    day = 86_400.0
+    cfg = settings(sb, tmp_path / "relay", relay={"processes": 1, "delivery_log_days": 7})
+    try:
+        async with RelayService(cfg, clock=clock) as relay:
+            assert relay.queue is not None
+            queue = relay.queue
+            port = relay.listeners[0].port
+            await clock.slept(PURGE_EVERY, 1)  # the first round, at start
+            await asyncio.to_thread(smtp_send, port, ALICE, ["x@example.net"], body("kept"))
+            sb.faults.set("rcpt", reply="550 5.1.10 RESOLVER.ADR.RecipientNotFound", times=1)
+            await asyncio.to_thread(smtp_send, port, ALICE, ["gone@example.net"], body("lost"))
+            await until(lambda: has_states(relay, {State.FAILED: 1, State.DELIVERED: 2}))
+            sb.faults.set("mail", reply="451 4.7.500 Access denied, please try again later")
+            await asyncio.to_thread(smtp_send, port, ALICE, ["x@example.net"], body("later"))
+
+            async def deferred() -> bool:
+                return (await queue.stats())[State.DEFERRED] == 1
+
+            await until(deferred)  # the clock stands still: no retry until it moves
+            [waiting] = await queue.list(State.DEFERRED)
+            await queue.hold(waiting.id)
+            finished = {State.DELIVERED: 2, State.FAILED: 1, State.HELD: 1}  # with the bounce
+            assert await states(relay) == finished
+
+            clock.advance(6 * day)
+            await clock.slept(PURGE_EVERY, 2)
+            assert await states(relay) == finished  # not a week old yet
+
+            clock.advance(1.5 * day)
+            await clock.slept(PURGE_EVERY, 3)
+            assert await states(relay) == {State.HELD: 1}
+            history = [e.event for e in await queue.history(waiting.id)]
+            assert history == [Event.DEFERRED, Event.HELD]
+    finally:
+        await sb.stop()
+
+
+async def test_a_restart_keeps_counting_the_messages_of_the_window(tmp_path: Path) -> None:
+    # Exchange's 30 messages a minute scaled down to 5 per 5 s on both sides; the relay
+    # restarts between two rounds of 5, well within the window.
+    limit, window = 5, 5.0
+    limits = LimitSettings(messages_per_minute=limit, rate_window_seconds=window)
+    sb = Sandbox(tmp_path / "sbx", SandboxSettings(limits=limits))
+    await sb.start()
+    budget = {"messages_per_minute": limit, "minute": window}
+    cfg = settings(sb, tmp_path / "relay", relay={"budget": budget, "processes": 1})
+    try:
+        for round_ in range(2):
+            async with RelayService(cfg) as relay:
+                port = relay.listeners[0].port
+                for i in range(limit):
+                    subject = f"r{round_}-{i}"
+                    await asyncio.to_thread(
+                        smtp_send, port, ALICE, ["x@example.net"], body(subject)
+                    )
+                await settled(relay, timeout=30)
+        assert sb.stats.throttle_replies == 0
+        assert len(sb.store.list()) == 2 * limit
+    finally:
+        await sb.stop()
+
+
+async def test_the_day_budget_and_a_quota_pause_survive_a_restart(tmp_path: Path) -> None:
+    sb = Sandbox(tmp_path / "sbx")
+    await sb.start()
+    clock = SteppedClock()
+    day = 86_400.0
+    quota = "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException"
+    relay_table = {"processes": 1, "budget": {"recipients_per_day": 3}}
+    cfg = settings(sb, tmp_path / "relay", relay=relay_table)
+    two = ["x@example.net", "y@example.net"]
+    try:
+        async with RelayService(cfg, clock=clock) as relay:
+            port = relay.listeners[0].port
+            await asyncio.to_thread(smtp_send, port, ALICE, two, body("first"))
+            await settled(relay)
+            sb.faults.set("data", reply=quota, times=1)  # Exchange counts more than we do
+            await asyncio.to_thread(smtp_send, port, ALICE, ["z@example.net"], body("quota"))
+            await until(
+                lambda: (
+                    relay.worker is not None
+                    and relay.worker.limiter.paused_until(ALICE) is not None
+                )
+            )
+            await relay_deferred(relay, 1)
+
+        async with RelayService(cfg, clock=clock) as relay:
+            assert relay.worker is not None
+            limiter = relay.worker.limiter
+            assert limiter.paused_until(ALICE) == pytest.approx(clock.mono + day, abs=1)
+            assert limiter.state(ALICE).pause_reason == quota
+            assert limiter.state(ALICE).recipients.used(clock.mono) == 3  # 2 + 1 (counted)
+            port = relay.listeners[0].port
+            await asyncio.to_thread(smtp_send, port, ALICE, ["w@example.net"], body("after"))
+            await relay_deferred(relay, 2)
+            assert relay.queue is not None
+            reasons = {m.last_reason for m in await relay.queue.list(State.DEFERRED)}
+            assert f"mailbox paused: {quota}" in reasons
+            assert [m.subject for m in sb.store.list()] == ["first"]
+
+            clock.advance(day + 1)  # the pause ends, the day's recipients leave the window
+            assert relay.scheduler is not None
+            relay.scheduler.wake()  # it may be between two polls, past the moment moved
+            await settled(relay)
+        assert sorted(m.subject for m in sb.store.list()) == ["after", "first", "quota"]
+        assert sb.stats.throttle_replies == 0
+    finally:
+        await sb.stop()
+
+
+async def relay_deferred(relay: RelayService, n: int) -> None:
+    queue = relay.queue
+    assert queue is not None
+
+    async def deferred() -> bool:
+        return (await queue.stats())[State.DEFERRED] == n
+
+    await until(deferred)
+
+
+async def test_a_null_sender_stays_null_on_a_rewriting_route(tmp_path: Path) -> None:
+    sb = Sandbox(tmp_path / "sbx")
+    await sb.start()
+    relay_table = {
+        "networks": [{"cidr": "127.0.0.0/8", "name": "printers", "senders": ["*", "<>"]}],
+        "routes": [{"client": "printers", "account": "alice", "rewrite_sender": True}],
+    }
+    report = (
+        b"From: Mail Delivery System <MAILER-DAEMON@printer.local>\r\nTo: x@example.net\r\n"
+        b"Subject: Undelivered Mail Returned to Sender\r\n\r\nreport\r\n"
+    )
+    try:
+        async with RelayService(settings(sb, tmp_path / "relay", relay=relay_table)) as relay:
+            assert relay.queue is not None
+            port = relay.listeners[0].port
+            await asyncio.to_thread(smtp_send, port, "", ["x@example.net"], report)
+            await settled(relay)
+            [sent] = sb.store.list()
+            assert sent.mail_from == ALICE  # on the wire: Exchange sends only as the mailbox
+            msg = email.message_from_bytes(sb.store.content(sent.id), policy=email.policy.default)
+            assert msg["From"].addresses[0].addr_spec == ALICE  # else 5.2.252 SendAsDenied
+            assert msg["From"].addresses[0].display_name == "Mail Delivery System"
+            assert msg["Reply-To"].addresses[0].addr_spec == "MAILER-DAEMON@printer.local"
+            [delivered] = await relay.queue.list(State.DELIVERED)
+            assert delivered.sender == ""
+
+            sb.faults.set("rcpt", reply="550 5.1.10 RESOLVER.ADR.RecipientNotFound", times=1)
+            await asyncio.to_thread(smtp_send, port, "", ["gone@example.net"], report)
+            scheduler = relay.scheduler
+            assert scheduler is not None
+            await until(lambda: scheduler.results[Result.FAILED] == 1)  # its on_failed is done
+            [failed] = await relay.queue.list(State.FAILED)
+            assert failed.sender == "" and "5.1.10" in failed.last_reason
+            assert len(await relay.queue.list()) == 2  # no bounce of the bounce
+        assert len(sb.store.list()) == 1
+    finally:
+        await sb.stop()

@@ -12,7 +12,10 @@ Routing happens here too (Postfix's cleanup does its canonical rewriting at the 
 point): a :data:`Router` picks the sending account for the client and envelope, and may ask
 for a **sender rewrite**: the envelope sender and ``From:`` become the account's mailbox
 (Exchange Online sends only as the mailbox, or with SendAs), the original ``From:`` is kept
-in ``Reply-To:`` (unless the message has one) and any ``Sender:`` is dropped.
+in ``Reply-To:`` (unless the message has one) and any ``Sender:`` is dropped. A null
+envelope sender (``<>``: a bounce or another automatic report) stays null, so that the
+relay never bounces it; its headers are rewritten all the same, since Exchange Online
+checks ``From:`` against the mailbox (``5.2.252 SendAsDenied``) whatever the envelope says.
 
 The queue id is chosen before the message is written (``Queue.new_id``), so the
 ``Received:`` header names it (``id``) and leads back to ``smtp365 queue show``.
@@ -151,7 +154,11 @@ class Draft:
         self.route = intake.route(client, envelope)
         self.original_sender = envelope.sender
         rewrite = self.route.rewrite_to
-        if rewrite and rewrite.lower() != envelope.sender.lower():
+        # <> is never rewritten (a bounce stays one); its headers are, as Exchange needs.
+        self._rewrite_head = bool(
+            rewrite and (not envelope.sender or rewrite.lower() != envelope.sender.lower())
+        )
+        if rewrite and self._rewrite_head and envelope.sender:
             envelope = Envelope(sender=rewrite, recipients=envelope.recipients)
         self.envelope = envelope
         self.queue_id = intake.queue.new_id()  # known now: the Received: header names it
@@ -184,7 +191,7 @@ class Draft:
         self._headers = None
         end = -2 if headers.startswith(b"\r\n") else headers.find(b"\r\n\r\n")
         head = headers if end == -1 else headers[: end + 2]
-        if self.route.rewrite_to and self.envelope.sender != self.original_sender:
+        if self.route.rewrite_to and self._rewrite_head:
             rest = headers[len(head) :]
             head = rewrite_headers(head, self.route.rewrite_to, self.original_sender)
             headers = head + rest

@@ -18,6 +18,11 @@ Budgets per mailbox (reference §5, all configurable in :class:`Limits`):
   :meth:`RateLimiter.release`; after a ``432 4.3.2`` :meth:`RateLimiter.fewer_connections`
   lowers the allowance by one (not below 1) for ``fewer_connections_for`` seconds;
 * a pause (``554 5.2.0`` quota, ``5.2.25x`` blocks): :meth:`RateLimiter.pause`.
+
+The limiter itself lives in memory; what it counted survives a restart through the queue's
+sending ledger: the worker writes each counted send and each pause with its queue change,
+and a starting relay hands the ledger's last day back through :meth:`RateLimiter.record`
+and :meth:`RateLimiter.pause`.
 """
 
 from __future__ import annotations
@@ -118,6 +123,10 @@ class SlidingWindow:
         if weight is None:
             return
         self._held -= weight
+        self.add(at, weight)
+
+    def add(self, at: float, weight: int = 1) -> None:
+        """Count ``weight`` units settled at ``at`` (never reserved here: before a restart)."""
         i = bisect.bisect_right(self._times, at)
         self._times.insert(i, at)
         self._weights.insert(i, weight)
@@ -217,6 +226,13 @@ class RateLimiter:
         return box.paused_until if box.paused_until > self._clock() else None
 
     # -- budgets --------------------------------------------------------------
+
+    def record(self, mailbox: str, at: float, recipients: int = 1) -> None:
+        """A submission that finished at ``at`` (this limiter's clock) without a grant from
+        it: one the relay made before it restarted, read back from the queue's ledger."""
+        box = self.state(mailbox)
+        box.messages.add(at, 1)
+        box.recipients.add(at, max(1, recipients))
 
     def earliest(self, mailbox: str, recipients: int = 1) -> float:
         """The earliest time a submission with ``recipients`` recipients fits the pause and

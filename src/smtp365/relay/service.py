@@ -40,7 +40,7 @@ from smtp365.relay.ratelimit import RateLimiter
 from smtp365.relay.scheduler import Scheduler, make_router
 from smtp365.relay.tlscert import self_signed
 from smtp365.relay.users import UserDB, sender_allowed
-from smtp365.relay.worker import DeliveryPolicy, TransportFactory, Worker
+from smtp365.relay.worker import Clock, DeliveryPolicy, SystemClock, TransportFactory, Worker
 
 __all__ = ["RelayService", "accounts_of", "settle_gc"]
 
@@ -57,7 +57,10 @@ def accounts_of(settings: Settings) -> dict[str, AccountSettings]:
 
 
 class RelayService:
-    """Build with settings, then ``await start()`` / ``await stop()``, or ``await run()``."""
+    """Build with settings, then ``await start()`` / ``await stop()``, or ``await run()``.
+
+    ``clock`` (wall and monotonic time, sleeping) drives the queue, the budgets, the
+    scheduler and the log purge; tests move a fake one."""
 
     def __init__(
         self,
@@ -65,8 +68,10 @@ class RelayService:
         *,
         state_dir: Path | None = None,
         transport_factory: TransportFactory | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()
         self.config: RelayConfig = settings.relay
         self.state_dir = (
             state_dir or self.config.resolved_state_dir(settings.state_home)
@@ -131,7 +136,7 @@ class RelayService:
             return
         self._started = True
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.queue = queue = await SqliteQueue.open(self.state_dir / "queue")
+        self.queue = queue = await SqliteQueue.open(self.state_dir / "queue", clock=self.clock.time)
         try:
             await self._start_parts(queue)
         except BaseException:
@@ -148,11 +153,13 @@ class RelayService:
             account=self.postmaster,
             from_address=postmaster.sender or postmaster.username or f"postmaster@{self.hostname}",
             reporting_mta=self.hostname,
+            clock=self.clock.time,
         )
         self.worker = Worker(
             queue,
             self.accounts,
-            limiter=RateLimiter(self.budget),
+            limiter=RateLimiter(self.budget, clock=self.clock.monotonic),
+            clock=self.clock,
             backoff=Backoff(
                 base=cfg.retry_base, cap=cfg.retry_max, max_lifetime=cfg.max_queue_lifetime
             ),
@@ -160,6 +167,7 @@ class RelayService:
             on_failed=bouncer,
             transport_factory=self._factory,
         )
+        await self._restore_budgets(queue, self.worker.limiter)
         self.scheduler = Scheduler(
             queue,
             self.worker,
@@ -197,6 +205,37 @@ class RelayService:
             len(users),
             queue.root,
         )
+
+    def _ledger_window(self) -> float:
+        """How far back the budgets look: the longer of their two windows."""
+        return max(self.config.budget.day, self.config.budget.minute)
+
+    async def _restore_budgets(self, queue: SqliteQueue, limiter: RateLimiter) -> None:
+        """Hand what the mailboxes sent and how they were paused before this start (the
+        queue's ledger) to the budgets, wall-clock times turned into the limiter's clock."""
+        wall, mono = self.clock.time(), self.clock.monotonic()
+        ledger = await queue.ledger(wall - self._ledger_window())
+        for sent in ledger.sent:
+            limiter.record(sent.mailbox, mono - (wall - min(sent.at, wall)), sent.recipients)
+        paused: set[str] = set()
+        for pause in ledger.pauses:
+            if pause.until > wall:
+                limiter.pause(pause.mailbox, mono + (pause.until - wall), pause.reason)
+                paused.add(pause.mailbox)
+        if ledger.sent:
+            log.info(
+                "budgets: %d earlier submission(s) of %d mailbox(es) still count",
+                len(ledger.sent),
+                len({sent.mailbox for sent in ledger.sent}),
+            )
+        for mailbox in sorted(paused):
+            until = limiter.paused_until(mailbox) or mono
+            log.warning(
+                "budgets: %s stays paused for %.0f s: %s",
+                mailbox,
+                until - mono,
+                limiter.state(mailbox).pause_reason,
+            )
 
     def _process_count(self) -> int:
         return self.config.processes or os.cpu_count() or 1
@@ -315,7 +354,9 @@ class RelayService:
         keep = self.config.delivery_log_days * 86_400.0
         while True:
             try:
-                removed = await self.queue.purge_log(time.time() - keep)
+                removed = await self.queue.purge_log(
+                    keep, now=self.clock.time(), keep_ledger=self._ledger_window()
+                )
                 if removed:
                     log.info(
                         "delivery log: purged %d entries older than %g days",
@@ -324,7 +365,7 @@ class RelayService:
                     )
             except Exception:
                 log.exception("purging the delivery log failed")
-            await asyncio.sleep(PURGE_EVERY)
+            await self.clock.sleep(PURGE_EVERY)
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop (signal handlers call this)."""

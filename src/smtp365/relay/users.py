@@ -10,12 +10,19 @@ directory) looks like::
 Passwords never appear in the file, in logs or in ``repr()``; :meth:`UserDB.verify` is
 constant-time through argon2 (an unknown user is checked against a dummy hash so that the
 time taken does not reveal which users exist).
+
+A running relay sees changes at once: :meth:`UserDB.verify` first looks at the file (one
+``stat``: inode, size, modification time) and reads it again when it changed, so
+``smtp365 relay passwd`` (another process) takes effect at the next AUTH, in each of the
+relay's processes. A file that cannot be read or parsed then lets nobody in (logged once
+per change) until it is fixed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import stat
 import threading
@@ -31,6 +38,10 @@ from smtp365.errors import ConfigError
 __all__ = ["RelayUser", "UserDB", "sender_allowed"]
 
 _VERSION = 1
+
+log = logging.getLogger("smtp365.relay.users")
+
+_Stamp = tuple[int, int, int] | None  # (inode, size, mtime_ns) of the file read; None: none
 
 
 def sender_allowed(rules: Iterable[str], address: str) -> bool:
@@ -63,13 +74,22 @@ class RelayUser:
         return sender_allowed(self.senders, address)
 
 
+def _stamp_of(path: Path) -> _Stamp:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 def _check_name(user: str) -> None:
     if not user or len(user) > 256 or any(c in user for c in "\x00\r\n") or user != user.strip():
         raise ConfigError(f"invalid relay user name {user!r}")
 
 
 class UserDB:
-    """The users file. Reads it once; :meth:`add`/:meth:`remove` rewrite it atomically."""
+    """The users file. :meth:`add`/:meth:`remove` rewrite it atomically; :meth:`verify`
+    reads it again whenever it changed on disk (:meth:`refresh`)."""
 
     def __init__(
         self,
@@ -81,6 +101,7 @@ class UserDB:
         self._hasher = hasher or PasswordHasher()
         self._lock = threading.Lock()
         self._users: dict[str, RelayUser] = {}
+        self._stamp: _Stamp = None
         self._dummy_hash = ""  # made at the first verify: hashing takes argon2's 64 MiB
         self.reload()
 
@@ -89,16 +110,38 @@ class UserDB:
 
     # ------------------------------------------------------------------ file
 
+    def refresh(self) -> bool:
+        """Read the file again if it changed since it was read (another process ran
+        ``smtp365 relay passwd``); returns whether it did. Never raises: a file that cannot
+        be read lets nobody in until it is fixed."""
+        stamp = _stamp_of(self.path)
+        if stamp == self._stamp:
+            return False
+        with self._lock:
+            if _stamp_of(self.path) == self._stamp:
+                return False
+            try:
+                self.reload()
+            except ConfigError as exc:
+                self._users = {}
+                self._stamp = stamp  # logged once per change of the file
+                log.error("relay users file unusable, no AUTH succeeds until fixed: %s", exc)
+                return True
+        log.info("relay users file %s changed: %d user(s)", self.path, len(self._users))
+        return True
+
     def reload(self) -> None:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             self._users = {}
+            self._stamp = None
             return
         except OSError as exc:
             raise ConfigError(f"cannot read the relay users file {self.path}: {exc}") from exc
         with os.fdopen(fd, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
+            info = os.fstat(fh.fileno())
+            mode = info.st_mode
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
                 raise ConfigError(
                     f"the relay users file {self.path} is readable by others "
@@ -119,6 +162,7 @@ class UserDB:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"the relay users file {self.path} is damaged: {exc}") from exc
         self._users = users
+        self._stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
 
     def _save(self, users: dict[str, RelayUser]) -> None:
         doc = {
@@ -146,6 +190,7 @@ class UserDB:
             raise
         os.close(fd)
         os.replace(tmp, self.path)
+        self._stamp = _stamp_of(self.path)  # our own change: nothing to read again
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
@@ -187,7 +232,9 @@ class UserDB:
         return len(self._users)
 
     def verify(self, user: str, password: str) -> bool:
-        """Whether ``password`` is ``user``'s. CPU-bound (argon2): call it off the event loop."""
+        """Whether ``password`` is ``user``'s, by the file as it is now (:meth:`refresh`).
+        CPU-bound (argon2) and reads the disk: call it off the event loop."""
+        self.refresh()
         if not self._dummy_hash:
             with self._lock:
                 if not self._dummy_hash:

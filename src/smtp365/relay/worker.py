@@ -19,6 +19,10 @@ older than the maximum lifetime    ``fail`` (expired), ``on_failed`` hook
 
 Recipients already accepted upstream are remembered (in memory) for the message's next
 attempt, so a retry after a partial delivery does not send to them again.
+
+Every submission the budget counts and every pause goes into the queue's sending ledger with
+the queue change that ends the attempt (``ledger=``, same transaction), so that a restarted
+relay starts from the budgets as they were.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from smtp365.config import AccountSettings
 from smtp365.errors import MessageError, Smtp365Error, SubmissionRejected
 from smtp365.models import Envelope, Reply, Submission
 from smtp365.relay.backoff import Backoff
-from smtp365.relay.queue import Queue, QueuedMessage
+from smtp365.relay.queue import LedgerEntry, Pause, Queue, QueuedMessage, Sent
 from smtp365.relay.ratelimit import Grant, RateLimiter
 from smtp365.replies import Action
 from smtp365.transport.smtp import SmtpTransport
@@ -178,6 +182,7 @@ class Worker:
         self._factory: TransportFactory = transport_factory or SmtpTransport
         self._pools: dict[str, ConnectionPool] = {}
         self._done: dict[str, set[str]] = {}  # queue id -> accepted in the current attempt
+        self._ledger: dict[str, list[LedgerEntry]] = {}  # queue id -> for its queue change
         self._changed = asyncio.Event()
         self._stopping = False
 
@@ -259,6 +264,20 @@ class Worker:
     def forget(self, queue_id: str) -> None:
         """Drop what is known about a message that left the queue behind the worker's back."""
         self._done.pop(queue_id, None)
+        self._ledger.pop(queue_id, None)
+
+    def _note(self, queue_id: str, entry: LedgerEntry) -> None:
+        """A send or a pause, for the ledger of the message's next queue change."""
+        self._ledger.setdefault(queue_id, []).append(entry)
+
+    def _ledger_of(self, queue_id: str) -> list[LedgerEntry]:
+        return self._ledger.pop(queue_id, [])
+
+    def _counted(self, queue_id: str, grant: Grant) -> None:
+        """The upstream may have counted the submission: settled now (before the queue
+        change that goes with it), and noted for the ledger."""
+        self.limiter.settle(grant)
+        self._note(queue_id, Sent(grant.mailbox, self.clock.time(), grant.recipients))
 
     async def deliver(self, msg: QueuedMessage, account_name: str) -> Result:
         """Deliver one claimed message and settle it in the queue; never raises for
@@ -309,10 +328,13 @@ class Worker:
             except SubmissionRejected as exc:
                 # Rejected before MAIL FROM: nothing the server counts as a send.
                 counted = exc.stage not in ("connect", "ehlo", "auth")
+                if counted:
+                    self._counted(msg.id, grant)
                 action = self._action(exc)
                 keep = action is not Action.FEWER_CONNECTIONS
                 return await self._rejected(msg, mailbox, exc, action, grant)
             except MessageError as exc:
+                self._counted(msg.id, grant)
                 await self._fail(msg, str(exc.what))
                 return Result.FAILED
             except Smtp365Error as exc:  # network, TLS, token, config: not the message's fault
@@ -320,6 +342,8 @@ class Worker:
                 keep = False
                 await self._defer(msg, f"{type(exc).__name__}: {exc.what}")
                 return Result.DEFERRED
+            else:
+                self._counted(msg.id, grant)
             finally:
                 self._release(grant, counted=counted)
                 await pool.put(transport, keep=keep, limit=self.limiter.concurrency(mailbox))
@@ -346,7 +370,7 @@ class Worker:
         if permanent:
             reason = "; ".join(f"<{r}>: {_reply_text(rep)}" for r, rep in permanent.items())
             reply = f"{reply} (refused: {reason})"
-        await self.queue.complete(msg.id, reply=reply)
+        await self.queue.complete(msg.id, reply=reply, ledger=self._ledger_of(msg.id))
         log.info("delivered %s to %d recipient(s): %s", msg.id, len(done), reply)
         if permanent and self.on_failed is not None:
             await self.on_failed(msg, "recipient refused", tuple(permanent))
@@ -387,11 +411,13 @@ class Worker:
                 frees = oldest if oldest is not None else now + self.policy.quota_pause
             until = max(now + self.policy.quota_pause_min, frees)
             self.limiter.pause(mailbox, until, reply)
+            self._note(msg.id, Pause(mailbox, self._wall(until), reply))
             log.warning("%s: quota reached, paused for %.0f s: %s", mailbox, until - now, reply)
             await self._defer(msg, reply, delay=until - now)
         elif action is Action.PAUSE_LONG:
             until = now + self.policy.pause_long
             self.limiter.pause(mailbox, until, reply)
+            self._note(msg.id, Pause(mailbox, self._wall(until), reply))
             log.error(
                 "ALERT %s is blocked by Exchange Online; paused for %.0f s: %s",
                 mailbox,
@@ -415,7 +441,13 @@ class Worker:
             reason = "relay stopping"
         # Budget waits are not failed attempts: they never expire a message on their own.
         until = self.clock.time() + max(0.0, delay)
-        await self.queue.defer(msg.id, until=until, reason=reason, recipients=self._left(msg))
+        await self.queue.defer(
+            msg.id,
+            until=until,
+            reason=reason,
+            recipients=self._left(msg),
+            ledger=self._ledger_of(msg.id),
+        )
         if self._stopping:
             log.info("%s back in the queue: the relay is stopping", msg.id)
         else:
@@ -429,7 +461,13 @@ class Worker:
         if until is None:
             await self._fail(msg, f"expired in the queue; last error: {reason}")
             raise _Outcome(Result.FAILED)
-        await self.queue.defer(msg.id, until=until, reason=reason, recipients=self._left(msg))
+        await self.queue.defer(
+            msg.id,
+            until=until,
+            reason=reason,
+            recipients=self._left(msg),
+            ledger=self._ledger_of(msg.id),
+        )
         log.info("deferred %s for %.1f s: %s", msg.id, until - now, reason)
 
     def _left(self, msg: QueuedMessage) -> list[str] | None:
@@ -443,7 +481,7 @@ class Worker:
     async def _fail(self, msg: QueuedMessage, reason: str) -> None:
         done = self._done.pop(msg.id, set())
         failed = tuple(r for r in msg.recipients if r not in done)
-        await self.queue.fail(msg.id, reason=reason)
+        await self.queue.fail(msg.id, reason=reason, ledger=self._ledger_of(msg.id))
         log.warning("failed %s: %s", msg.id, reason)
         if self.on_failed is not None:
             try:

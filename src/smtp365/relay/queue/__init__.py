@@ -20,6 +20,14 @@ Rules every backend keeps (checked by ``tests/relay/queue_contract.py``):
 * Delivered and failed messages stay as the delivery log (with an event history per
   message) until ``purge_log``. Delivered content is dropped at once; failed content is
   kept (for ``retry`` and the delivery status notification) until ``purge_log``.
+* The queue also keeps the sending **ledger**, the history of the mailboxes' budgets: each
+  submission the upstream may have counted (:class:`Sent`) and each pause Exchange Online
+  imposed (:class:`Pause`), so a restarted relay (or, with a shared backend, another node)
+  counts what was sent before. ``complete``, ``defer`` and ``fail`` take the entries of
+  their attempt (``ledger=``) and write them in the same transaction, at no extra cost;
+  they are recorded even when the change itself is refused (the sends happened).
+  ``record`` writes entries on their own; ``ledger`` reads them back; ``purge_log`` prunes
+  them.
 
 Times are seconds since the epoch (``float``, UTC), taken from the clock the backend was
 given, so tests move time instead of sleeping.
@@ -40,10 +48,14 @@ from smtp365.models import Envelope
 __all__ = [
     "Content",
     "Event",
+    "Ledger",
+    "LedgerEntry",
     "LogEntry",
+    "Pause",
     "Queue",
     "QueueStats",
     "QueuedMessage",
+    "Sent",
     "State",
 ]
 
@@ -115,6 +127,36 @@ class LogEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Sent:
+    """One submission a mailbox's budget counts: when it finished, and its recipients."""
+
+    mailbox: str  # the sending mailbox, lower case (the budgets' key)
+    at: float
+    recipients: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Exchange Online stopped a mailbox (``554 5.2.0`` quota, ``5.2.251``-``5.2.255``
+    blocks): nothing is sent from it before ``until``."""
+
+    mailbox: str
+    until: float
+    reason: str = ""
+
+
+LedgerEntry = Sent | Pause
+
+
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    """What :meth:`Queue.ledger` returns, each part oldest first."""
+
+    sent: tuple[Sent, ...] = ()
+    pauses: tuple[Pause, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     counts: Mapping[State, int] = field(default_factory=dict)
     pending_bytes: int = 0  # size of every message not yet delivered or failed
@@ -165,8 +207,13 @@ class Queue(Protocol):
         """The message content, byte-exact as enqueued."""
         ...
 
-    async def complete(self, queue_id: str, *, reply: str) -> None:
-        """The upstream accepted it: delivered, with ``reply`` kept in the log."""
+    async def complete(
+        self, queue_id: str, *, reply: str, ledger: Sequence[LedgerEntry] = ()
+    ) -> None:
+        """The upstream accepted it: delivered, with ``reply`` kept in the log.
+
+        ``ledger``: the attempt's sends and pauses (see the module's rules), also for
+        :meth:`defer` and :meth:`fail`."""
         ...
 
     async def defer(
@@ -176,6 +223,7 @@ class Queue(Protocol):
         until: float,
         reason: str,
         recipients: Sequence[str] | None = None,
+        ledger: Sequence[LedgerEntry] = (),
     ) -> None:
         """A temporary failure: try again at ``until``. A held message stays held.
 
@@ -184,7 +232,7 @@ class Queue(Protocol):
         are not sent to again, even after a restart."""
         ...
 
-    async def fail(self, queue_id: str, *, reason: str) -> None:
+    async def fail(self, queue_id: str, *, reason: str, ledger: Sequence[LedgerEntry] = ()) -> None:
         """A permanent failure: kept as failed (with its content) until purged."""
         ...
 
@@ -214,9 +262,25 @@ class Queue(Protocol):
 
     async def stats(self) -> QueueStats: ...
 
-    async def purge_log(self, older_than: float, *, now: float | None = None) -> int:
-        """Forget delivered/failed messages finished more than ``older_than`` seconds ago,
-        and log entries as old; returns how many messages went."""
+    async def purge_log(
+        self, older_than: float, *, now: float | None = None, keep_ledger: float | None = None
+    ) -> int:
+        """Forget delivered/failed messages finished more than ``older_than`` seconds ago
+        (``now`` minus ``older_than``) with their history, and log entries as old of
+        messages no longer in the queue (deleted); the history of a message still in the
+        queue is kept whatever its age. Returns how many messages went.
+
+        Sends more than ``keep_ledger`` seconds old (default: ``older_than``) and pauses
+        that ended as long ago leave the ledger."""
+        ...
+
+    async def record(self, ledger: Sequence[LedgerEntry]) -> None:
+        """Add sends and pauses to the ledger without a queue change (like a claim: no
+        fsync of its own)."""
+        ...
+
+    async def ledger(self, since: float) -> Ledger:
+        """The sends that finished at or after ``since`` and the pauses lasting past it."""
         ...
 
     async def close(self) -> None: ...

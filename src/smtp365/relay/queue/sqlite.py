@@ -2,7 +2,8 @@
 
 Layout under the state directory ``root``::
 
-    queue.db (+ -wal, -shm)   envelopes, states, leases, small bodies, the delivery log
+    queue.db (+ -wal, -shm)   envelopes, states, leases, small bodies, the delivery log,
+                              the sending ledger (tables sent, pauses)
     spool/<queue id>          bodies larger than ``inline_max``, one file each
     incoming/                 temporary files being written (also for listeners: a file
                               written here is moved into the spool without copying)
@@ -94,10 +95,14 @@ from smtp365.models import Envelope
 from smtp365.relay.queue import (
     Content,
     Event,
+    Ledger,
+    LedgerEntry,
     LogEntry,
+    Pause,
     Queue,
     QueuedMessage,
     QueueStats,
+    Sent,
     State,
 )
 from smtp365.relay.queue.ids import IdGenerator, is_queue_id
@@ -108,7 +113,7 @@ log = logging.getLogger("smtp365.relay.queue")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the sending ledger (sent, pauses); a queue of 1 gains it at open
 DEFAULT_INLINE_MAX = 64 * 1024
 
 _SCHEMA = """
@@ -147,6 +152,18 @@ CREATE TABLE IF NOT EXISTS log (
 );
 CREATE INDEX IF NOT EXISTS log_message ON log(queue_id, at);
 CREATE INDEX IF NOT EXISTS log_at ON log(at);
+CREATE TABLE IF NOT EXISTS sent (
+    mailbox TEXT NOT NULL,
+    at REAL NOT NULL,
+    recipients INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sent_at ON sent(at);
+CREATE TABLE IF NOT EXISTS pauses (
+    mailbox TEXT NOT NULL,
+    until REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS pauses_until ON pauses(until);
 """
 
 _COLUMNS = (
@@ -185,6 +202,7 @@ class _Op:
     sync_spool: bool
     abort_unlink: tuple[Path, ...]
     durable: bool
+    ledger: tuple[LedgerEntry, ...] = ()  # written in the transaction even if run raises
 
 
 def _storage_error(exc: BaseException, doing: str) -> QueueError:
@@ -216,6 +234,24 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _checked(entry: LedgerEntry) -> LedgerEntry:
+    """A ledger entry with the types the tables want (so it cannot fail a transaction)."""
+    if isinstance(entry, Sent):
+        return Sent(str(entry.mailbox).lower(), float(entry.at), max(1, int(entry.recipients)))
+    if isinstance(entry, Pause):
+        return Pause(str(entry.mailbox).lower(), float(entry.until), str(entry.reason))
+    raise TypeError(f"not a ledger entry: {entry!r}")
+
+
+def _insert_ledger(conn: sqlite3.Connection, ledger: Sequence[LedgerEntry]) -> None:
+    sent = [(e.mailbox, e.at, e.recipients) for e in ledger if isinstance(e, Sent)]
+    pauses = [(e.mailbox, e.until, e.reason) for e in ledger if isinstance(e, Pause)]
+    if sent:
+        conn.executemany("INSERT INTO sent (mailbox, at, recipients) VALUES (?, ?, ?)", sent)
+    if pauses:
+        conn.executemany("INSERT INTO pauses (mailbox, until, reason) VALUES (?, ?, ?)", pauses)
 
 
 def _fsync_path(path: Path, *, directory: bool = False) -> None:
@@ -475,14 +511,17 @@ class SqliteQueue:
         sync_spool: bool = False,
         abort_unlink: tuple[Path, ...] = (),
         durable: bool = True,
+        ledger: Sequence[LedgerEntry] = (),
     ) -> T:
         """Run ``run`` in the writer's next transaction; return once it is committed.
 
         ``run`` returns its result and the files to remove after the commit; if it raises,
-        its changes are rolled back alone and ``abort_unlink`` files are removed.
+        its changes are rolled back alone and ``abort_unlink`` files are removed. The
+        ``ledger`` entries go into the same transaction whether or not ``run`` raises.
         """
         loop = asyncio.get_running_loop()
-        op = _Op(run, loop.create_future(), sync_spool, abort_unlink, durable)
+        entries = tuple(_checked(entry) for entry in ledger) if ledger else ()
+        op = _Op(run, loop.create_future(), sync_spool, abort_unlink, durable, entries)
         self._pending.append(op)
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush(), name="smtp365-queue-commit")
@@ -546,6 +585,9 @@ class SqliteQueue:
         unlink: list[Path],
     ) -> None:
         try:
+            ledger = [entry for op in batch for entry in op.ledger]
+            if ledger:  # outside the savepoints: kept whether or not each change is
+                _insert_ledger(conn, ledger)
             for op in batch:
                 conn.execute("SAVEPOINT change")
                 try:
@@ -825,7 +867,9 @@ class SqliteQueue:
                     raise _storage_error(exc, f"read message {queue_id}") from exc
             raise _refuse(queue_id, "its content is gone (delivered, purged or deleted)")
 
-    async def complete(self, queue_id: str, *, reply: str) -> None:
+    async def complete(
+        self, queue_id: str, *, reply: str, ledger: Sequence[LedgerEntry] = ()
+    ) -> None:
         with self._call():
             now = self._clock()
 
@@ -851,7 +895,7 @@ class SqliteQueue:
                 )
                 return None, [self._spool_path(queue_id)] if row["body"] == "spool" else []
 
-            await self._write(run, durable=False)
+            await self._write(run, durable=False, ledger=ledger)
 
     @staticmethod
     def _duration(row: sqlite3.Row, now: float) -> float | None:
@@ -865,6 +909,7 @@ class SqliteQueue:
         until: float,
         reason: str,
         recipients: Sequence[str] | None = None,
+        ledger: Sequence[LedgerEntry] = (),
     ) -> None:
         with self._call():
             now = self._clock()
@@ -903,9 +948,9 @@ class SqliteQueue:
                 )
                 return None, []
 
-            await self._write(run, durable=False)
+            await self._write(run, durable=False, ledger=ledger)
 
-    async def fail(self, queue_id: str, *, reason: str) -> None:
+    async def fail(self, queue_id: str, *, reason: str, ledger: Sequence[LedgerEntry] = ()) -> None:
         with self._call():
             now = self._clock()
 
@@ -930,7 +975,7 @@ class SqliteQueue:
                 )
                 return None, []
 
-            await self._write(run)
+            await self._write(run, ledger=ledger)
 
     # ------------------------------------------------------------------ operator
 
@@ -1007,9 +1052,13 @@ class SqliteQueue:
 
             await self._write(run)
 
-    async def purge_log(self, older_than: float, *, now: float | None = None) -> int:
+    async def purge_log(
+        self, older_than: float, *, now: float | None = None, keep_ledger: float | None = None
+    ) -> int:
         with self._call():
-            cutoff = (self._clock() if now is None else now) - older_than
+            at = self._clock() if now is None else now
+            cutoff = at - older_than
+            ledger_cutoff = at - (older_than if keep_ledger is None else keep_ledger)
 
             def run(conn: sqlite3.Connection) -> tuple[int, list[Path]]:
                 rows = conn.execute(
@@ -1022,13 +1071,52 @@ class SqliteQueue:
                     "DELETE FROM bodies WHERE id = ?",
                     [(row["id"],) for row in rows if row["body"] == "inline"],
                 )
-                conn.execute("DELETE FROM log WHERE at < ?", (cutoff,))
+                conn.executemany("DELETE FROM log WHERE queue_id = ?", [(r["id"],) for r in rows])
+                # A message's history stays as long as the message does (pending ones above
+                # all); what is left of messages deleted by the operator goes with its age.
+                conn.execute(
+                    "DELETE FROM log INDEXED BY log_at WHERE at < ?"
+                    " AND NOT EXISTS (SELECT 1 FROM messages WHERE id = log.queue_id)",
+                    (cutoff,),
+                )
+                conn.execute("DELETE FROM sent WHERE at < ?", (ledger_cutoff,))
+                conn.execute("DELETE FROM pauses WHERE until < ?", (ledger_cutoff,))
                 spool = [self._spool_path(row["id"]) for row in rows if row["body"] == "spool"]
                 return len(rows), spool
 
             return await self._write(run)
 
+    async def record(self, ledger: Sequence[LedgerEntry]) -> None:
+        with self._call():
+            if ledger:
+                await self._write(lambda conn: (None, []), durable=False, ledger=ledger)
+
     # ------------------------------------------------------------------ queries
+
+    async def ledger(self, since: float) -> Ledger:
+        with self._call():
+
+            def run(conn: sqlite3.Connection) -> Ledger:
+                conn.execute("BEGIN")  # one snapshot for both tables
+                try:
+                    sent = conn.execute(
+                        "SELECT mailbox, at, recipients FROM sent INDEXED BY sent_at"
+                        " WHERE at >= ? ORDER BY at",
+                        (since,),
+                    ).fetchall()
+                    pauses = conn.execute(
+                        "SELECT mailbox, until, reason FROM pauses INDEXED BY pauses_until"
+                        " WHERE until > ? ORDER BY until",
+                        (since,),
+                    ).fetchall()
+                finally:
+                    conn.execute("COMMIT")
+                return Ledger(
+                    sent=tuple(Sent(r[0], r[1], r[2]) for r in sent),
+                    pauses=tuple(Pause(r[0], r[1], r[2]) for r in pauses),
+                )
+
+            return await self._read(run)
 
     async def get(self, queue_id: str) -> QueuedMessage | None:
         with self._call():
