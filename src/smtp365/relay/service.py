@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
