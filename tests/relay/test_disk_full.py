@@ -1,6 +1,7 @@
 """A full disk, for real: the queue on a small tmpfs this test mounts. The relay answers
 ``452 4.3.1`` at MAIL when space runs low (or at the end of a DATA during which the disk
-filled), acknowledged messages stay intact, and it accepts again once space returns.
+filled), acknowledged messages stay intact, the queue database passes SQLite's integrity
+check after a reopen, and it accepts again once space returns.
 
 Mounting needs root; otherwise the test runs itself again in a user and mount namespace
 (``unshare -rm``). When neither works it is skipped, or fails when ``CI`` is set (.ci/run
@@ -12,6 +13,7 @@ import asyncio
 import os
 import shutil
 import smtplib
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -64,6 +66,11 @@ def run_in_namespace(request: pytest.FixtureRequest, error: str) -> None:
     cannot_run(f"cannot mount a small tmpfs ({error}), nor in a namespace: {output.strip()}")
 
 
+def integrity(queue: SqliteQueue) -> list[str]:
+    with sqlite3.connect(queue.db_path) as conn:
+        return [row[0] for row in conn.execute("PRAGMA integrity_check")]
+
+
 def message(size: int) -> tuple[str, bytes]:
     mid = f"<{uuid.uuid4().hex}@disk.test>"
     head = f"From: a@corp.example\r\nTo: t@x.example\r\nMessage-ID: {mid}\r\n\r\n".encode()
@@ -71,20 +78,24 @@ def message(size: int) -> tuple[str, bytes]:
     return mid, head + line * (size // len(line))
 
 
-def send(port: int, data: bytes) -> tuple[int, bytes]:
-    """(reply code, reply text) of the first refusal, or of the final 250."""
+def send(port: int, data: bytes) -> tuple[str, int, bytes]:
+    """(stage, reply code, reply text) of the first refusal, or of the final 250."""
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
         smtp.ehlo("lan.example")
         code, text = smtp.docmd("MAIL FROM:<a@corp.example>")
         if code != 250:
-            return code, text
-        smtp.rcpt("t@x.example")
-        return smtp.data(data)
+            return "mail", code, text
+        code, text = smtp.rcpt("t@x.example")
+        if code != 250:
+            return "rcpt", code, text
+        return ("data", *smtp.data(data))
 
 
-@pytest.mark.parametrize("min_free", [None, 0], ids=["at-mail", "during-data"])
+@pytest.mark.parametrize(
+    ("min_free", "stage"), [(None, "mail"), (0, "data")], ids=["at-mail", "during-data"]
+)
 async def test_full_disk_refuses_keeps_what_was_acked_and_recovers(
-    request: pytest.FixtureRequest, tmp_path: Path, min_free: int | None
+    request: pytest.FixtureRequest, tmp_path: Path, min_free: int | None, stage: str
 ) -> None:
     small_fs = tmp_path / "small"
     small_fs.mkdir()
@@ -93,12 +104,12 @@ async def test_full_disk_refuses_keeps_what_was_acked_and_recovers(
         run_in_namespace(request, error)
         return
     try:
-        await full_disk(small_fs, min_free)
+        await full_disk(small_fs, min_free, stage)
     finally:
         subprocess.run(["umount", "-l", str(small_fs)], check=False)
 
 
-async def full_disk(small_fs: Path, min_free: int | None) -> None:
+async def full_disk(small_fs: Path, min_free: int | None, stage: str) -> None:
     queue = await SqliteQueue.open(small_fs / "queue")
     cfg = ListenerConfig(
         host="127.0.0.1",
@@ -113,19 +124,19 @@ async def full_disk(small_fs: Path, min_free: int | None) -> None:
     ballast.write_bytes(b"\0" * 1_000_000)
     try:
         acked: dict[str, bytes] = {}
-        refusal: tuple[int, bytes] | None = None
+        refusal: tuple[str, int, bytes] | None = None
         for _ in range(40):  # 3 MB of disk, 1 MB taken, 200 KB messages: full well before 40
             mid, data = message(200_000)
-            code, text = await asyncio.to_thread(send, listener.port, data)
+            where, code, text = await asyncio.to_thread(send, listener.port, data)
             if code != 250:
-                refusal = (code, text)
+                refusal = (where, code, text)
                 break
             acked[text.decode().rsplit(" ", 1)[-1]] = data
         assert refusal is not None, "the disk never filled"
         # At MAIL (free space checked), or at the end of DATA when the disk filled while the
         # message was being written: then the rest of the data was read and dropped, never
         # taken for commands.
-        assert refusal == (452, b"4.3.1 Insufficient system storage")
+        assert refusal == (stage, 452, b"4.3.1 Insufficient system storage")
         assert len(acked) >= 3
 
         # Everything acknowledged is there, byte-exact; nothing half-written is left over.
@@ -137,11 +148,19 @@ async def full_disk(small_fs: Path, min_free: int | None) -> None:
         # Space returns: accepted again.
         ballast.unlink()
         mid, data = message(200_000)
-        code, text = await asyncio.to_thread(send, listener.port, data)
-        assert code == 250, (code, text)
-        queue_id = text.decode().rsplit(" ", 1)[-1]
-        assert (await queue.read(queue_id)).endswith(data)
-        assert len(await queue.list(State.QUEUED)) == len(acked) + 1
+        where, code, text = await asyncio.to_thread(send, listener.port, data)
+        assert (where, code) == ("data", 250), (where, code, text)
+        acked[text.decode().rsplit(" ", 1)[-1]] = data
     finally:
         await listener.stop()
+        await queue.close()
+
+    # Reopened (recovery runs), the queue is intact: the database and every message.
+    queue = await SqliteQueue.open(small_fs / "queue")
+    try:
+        assert integrity(queue) == ["ok"]
+        assert {m.id for m in await queue.list(State.QUEUED)} == set(acked)
+        for queue_id, data in acked.items():
+            assert (await queue.read(queue_id)).endswith(data)
+    finally:
         await queue.close()
