@@ -1,5 +1,6 @@
 """Abuse limits of the listener (security.md §5): failed AUTH per address with a growing
-delay and then 421, connections per client address, unknown commands."""
+delay and then 421, password checks one at a time, connections per client address, unknown
+commands."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import base64
 import re
 import socket
+import threading
 import time
 
 import pytest
@@ -108,6 +110,45 @@ async def test_failed_auth_per_address_delay_doubles_then_421(
     # ... while another address signs in.
     other = await asyncio.to_thread(_auth_round, relay, "127.0.0.2", "right-password", 1)
     assert other[2].startswith(b"235"), other
+
+
+async def test_password_checks_run_one_at_a_time(make_relay: MakeRelay) -> None:
+    # Each argon2 check takes 64 MiB for a moment: a burst of AUTHs must queue for the one
+    # thread that checks passwords, not run side by side.
+    relay = await make_relay(networks=(PLAIN_AUTH_OK,))
+    relay.users.add("app", "right-password", ["*"])
+    real_verify = relay.users.verify
+    lock = threading.Lock()
+    running = [0, 0]  # now, most at once
+
+    def verify(user: str, password: str) -> bool:
+        with lock:
+            running[0] += 1
+            running[1] = max(running)
+        try:
+            time.sleep(0.05)  # as long as a real check, about
+            return real_verify(user, password)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    relay.users.verify = verify  # type: ignore[method-assign]
+    clients = 4
+    together = threading.Barrier(clients)
+
+    def sign_in(n: int) -> bytes:
+        client = Client(relay, f"127.0.1.{n + 1}")
+        try:
+            client.reply()
+            client.say("EHLO client.test")
+            together.wait(10)
+            return client.say(f"AUTH PLAIN {_plain('app', 'right-password')}")
+        finally:
+            client.close()
+
+    replies = await asyncio.gather(*(asyncio.to_thread(sign_in, n) for n in range(clients)))
+    assert all(r.startswith(b"235") for r in replies), replies
+    assert running[1] == 1
 
 
 async def test_connections_per_client_address(make_relay: MakeRelay) -> None:
