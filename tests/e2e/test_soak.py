@@ -53,18 +53,21 @@ async def test_kill_9_soak(sandbox: Sandbox, tmp_path: Path) -> None:
     )
     kills = 0
     started = time.monotonic()
-    with Sender({"plain": port}, sessions=4) as sender:
-        while len(sender.acked) < TARGET:
-            await asyncio.sleep(rng.uniform(0.2, 1.5))  # a random moment of the load
-            await relay.kill()
-            kills += 1
-            relay = await RelayProcess(cfg, cwd=tmp_path).start()
-    acked = set(sender.acked)
     try:
+        with Sender({"plain": port}, sessions=4) as sender:
+            while len(sender.acked) < TARGET:
+                await asyncio.sleep(rng.uniform(0.2, 1.5))  # a random moment of the load
+                await relay.kill()
+                kills += 1
+                relay = await RelayProcess(cfg, cwd=tmp_path).start()
+        acked = set(sender.acked)
         with contextlib.suppress(AssertionError):  # what never arrived is counted below
             await arrived(sandbox, acked, timeout=120)
-    finally:
         exit_code = await relay.terminate()
+    finally:
+        if relay.proc is not None and relay.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                relay.proc.kill()  # failed or timed out: no relay left running
     counts = Counter(m.message_id for m in sandbox.store.list())
     lost = acked - set(counts)
     duplicates = sum(n - 1 for n in counts.values() if n > 1)
