@@ -53,10 +53,13 @@ class TransportError(Smtp365Error):
     """The conversation with the server failed below the SMTP reply level.
 
     Temporary by default: a network problem usually goes away, and a relay
-    must defer rather than bounce.
+    must defer rather than bounce. ``possibly_delivered``: it failed after the
+    whole message was sent (the final dot) and before the server's reply, so the
+    server may have it and a retry may deliver it twice.
     """
 
     temporary = True
+    possibly_delivered = False
 
 
 class ConnectError(TransportError, ConnectionError):

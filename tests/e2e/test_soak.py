@@ -1,13 +1,15 @@
 """The kill -9 soak: load the relay, kill it every few seconds, restart it on the same port
 and state, until SOAK_MESSAGES messages got 250; then everything acknowledged must arrive.
 
-The default run is a bounded slice (1,500 messages); ``make soak`` runs 10,000. Prints
-accepted / delivered / lost / duplicates; lost must be 0.
+The default run is a bounded slice (1,500 messages, under 300 s); ``make soak`` runs 10,000
+without a time limit. Prints accepted / delivered / lost / duplicates, also when it fails;
+lost must be 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -35,6 +37,7 @@ async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
     await sb.stop()
 
 
+@pytest.mark.timeout(0 if "SOAK_MESSAGES" in os.environ else 300)
 async def test_kill_9_soak(sandbox: Sandbox, tmp_path: Path) -> None:
     rng = random.Random()
     seed = rng.randrange(1 << 30)
@@ -50,24 +53,30 @@ async def test_kill_9_soak(sandbox: Sandbox, tmp_path: Path) -> None:
     )
     kills = 0
     started = time.monotonic()
-    with Sender({"plain": port}, sessions=4) as sender:
-        while len(sender.acked) < TARGET:
-            await asyncio.sleep(rng.uniform(0.2, 1.5))  # a random moment of the load
-            await relay.kill()
-            kills += 1
-            relay = await RelayProcess(cfg, cwd=tmp_path).start()
-    acked = set(sender.acked)
     try:
-        await arrived(sandbox, acked, timeout=120)
+        with Sender({"plain": port}, sessions=4) as sender:
+            while len(sender.acked) < TARGET:
+                await asyncio.sleep(rng.uniform(0.2, 1.5))  # a random moment of the load
+                await relay.kill()
+                kills += 1
+                relay = await RelayProcess(cfg, cwd=tmp_path).start()
+        acked = set(sender.acked)
+        with contextlib.suppress(AssertionError):  # what never arrived is counted below
+            await arrived(sandbox, acked, timeout=120)
+        exit_code = await relay.terminate()
     finally:
-        assert await relay.terminate() == 0
+        if relay.proc is not None and relay.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                relay.proc.kill()  # failed or timed out: no relay left running
     counts = Counter(m.message_id for m in sandbox.store.list())
     lost = acked - set(counts)
     duplicates = sum(n - 1 for n in counts.values() if n > 1)
-    print(
-        f"\nsoak (seed {seed}, {time.monotonic() - started:.0f} s, kill -9 x{kills}): "
+    summary = (
+        f"soak (seed {seed}, {time.monotonic() - started:.0f} s, kill -9 x{kills}): "
         f"attempted {sender.attempted}, accepted {len(acked)}, delivered {len(acked - lost)}, "
         f"lost {len(lost)}, duplicates {duplicates}, "
         f"delivered without a 250 {len(set(counts) - acked)}"
     )
-    assert not lost
+    print(f"\n{summary}")
+    assert not lost, f"{summary}; lost, for example: {sorted(lost)[:5]}"
+    assert exit_code == 0, summary

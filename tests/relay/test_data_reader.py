@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from smtp365.relay.listener import RelaySMTP
+from smtp365.models import Envelope
+from smtp365.relay.intake import ClientInfo, Draft
+from smtp365.relay.listener import Limits, RelaySMTP
 
 from .listener_helpers import relay_factory
 
@@ -149,3 +152,52 @@ async def test_a_line_that_never_ends_is_refused_without_keeping_it(
 async def test_eof_in_the_middle_is_an_incomplete_read(session: RelaySMTP) -> None:
     with pytest.raises(asyncio.IncompleteReadError):
         await receive(session, [b"Subject: x\r\n", b"\r\nbody"])
+
+
+class Watched:
+    """The intake's real draft, with a count of what it was fed."""
+
+    def __init__(self, draft: Draft) -> None:
+        self.draft = draft
+        self.received = 0
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        self.draft.feed(data)
+
+
+async def test_oversized_message_is_refused_without_keeping_it(tmp_path: Path) -> None:
+    size_limit = 2_000_000
+    piece = 64 * 1024
+    line = b"x" * 78 + b"\r\n"
+    stream = b"Subject: big\r\n\r\n" + line * (5 * size_limit // len(line))  # 5x the limit
+    pieces = [stream[i : i + piece] for i in range(0, len(stream), piece)]
+    pieces += [b".\r\n" + NEXT]
+    async with relay_factory(tmp_path) as make:
+        relay = await make(limits=Limits(max_message_size=size_limit))
+        smtp = RelaySMTP(relay.listener._shared)
+        try:
+            draft = relay.listener._shared.intake.begin(
+                ClientInfo("127.0.0.1"), Envelope("a@corp.example", ("t@x.example",))
+            )
+            watched: Any = Watched(draft)
+            reader = Scripted(pieces)
+            smtp._reader = reader
+            tracemalloc.start()
+            try:
+                problem = await smtp._receive(watched)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            draft.discard()
+        finally:
+            if smtp._timeout_handle is not None:
+                smtp._timeout_handle.cancel()
+    print(f"5 x {size_limit}: the draft got {watched.received}; peak memory {peak}")
+    assert problem is not None and problem.startswith("552 5.3.4"), problem
+    assert reader.left() == NEXT  # the rest was read and dropped, up to the end of data
+    # The draft was fed while the message was acceptable, and no more ...
+    assert size_limit - piece <= watched.received <= size_limit + piece
+    # ... and nothing kept the rest: all that was allocated at once (reader, draft and its
+    # spill buffer) is a few pieces, not the message.
+    assert peak < 16 * piece, peak

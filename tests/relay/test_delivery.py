@@ -28,7 +28,7 @@ ALICE = "alice@contoso.test"
 BOB = "bob@contoso.test"
 
 
-def account_for(sb: Sandbox, mailbox: str = ALICE) -> AccountSettings:
+def account_for(sb: Sandbox, mailbox: str = ALICE, *, timeout: float = 10) -> AccountSettings:
     fields: dict[str, Any] = {
         "profile": "custom",
         "host": "localhost",
@@ -36,7 +36,7 @@ def account_for(sb: Sandbox, mailbox: str = ALICE) -> AccountSettings:
         "ca_file": sb.ca_file,
         "username": mailbox,
         "auth": "xoauth2",
-        "timeout": 10,
+        "timeout": timeout,
         "token": sb.issue_token(mailbox),
     }
     return resolve("alice", Account.model_validate(fields), "(test)")
@@ -98,6 +98,7 @@ async def make_relay(tmp_path: Path) -> AsyncIterator[RelayFactory]:
         policy: DeliveryPolicy | None = None,
         max_inflight: int = 8,
         backoff: Backoff | None = None,
+        timeout: float = 10,
     ) -> Relay:
         sb = Sandbox(tmp_path / "sbx", settings)
         await sb.start()
@@ -110,7 +111,7 @@ async def make_relay(tmp_path: Path) -> AsyncIterator[RelayFactory]:
 
         worker = Worker(
             queue,
-            {"alice": account_for(sb)},
+            {"alice": account_for(sb, timeout=timeout)},
             limiter=RateLimiter(limits or Limits()),
             backoff=backoff or Backoff(base=0.2, cap=0.4, floor=0.1, rng=random.Random(1)),
             policy=policy or DeliveryPolicy(max_budget_wait=10.0),
@@ -353,41 +354,88 @@ async def test_recipients_done_are_not_sent_again_after_a_deferral(
     assert got == ["a@example.net", "b@example.net"]  # each exactly once
 
 
+MAYBE_DELIVERED = "may have been delivered; the retry can duplicate it"
+TIMEOUT = 1.0  # the account's timeout in the fault tests: "slow" means slower than this
+SLOW = 1.5
+
+
+# What a fault does to the attempt it hits: slows it down, defers it (nothing reached the
+# mailbox), or defers it after the mailbox stored the message (the retry duplicates it).
+SLOWED, DEFERRED, DUPLICATED = "slowed", "deferred", "duplicated"
+
+
 @pytest.mark.parametrize(
-    ("stage", "fault"),
+    ("stage", "fault", "effect"),
     [
-        ("greeting", {"reply": "421 4.3.2 Service not available, closing channel"}),
-        ("ehlo", {"drop": True}),
-        ("starttls", {"reply": "454 4.7.0 TLS not available due to temporary reason"}),
-        ("starttls", {"drop": True}),
-        ("auth", {"reply": "454 4.7.0 Temporary authentication failure"}),
-        ("mail", {"delay": 0.3}),
-        ("data", {"drop": True}),
-        ("data", {"reply": "421 4.4.2 Connection dropped"}),
+        ("greeting", {"reply": "421 4.3.2 Service not available, closing channel"}, DEFERRED),
+        ("ehlo", {"drop": True}, DEFERRED),
+        ("starttls", {"reply": "454 4.7.0 TLS not available due to temporary reason"}, DEFERRED),
+        ("starttls", {"drop": True}, DEFERRED),
+        ("starttls", {"drop": True, "late": True}, DEFERRED),  # the 220, then no handshake
+        ("auth", {"reply": "454 4.7.0 Temporary authentication failure"}, DEFERRED),
+        ("mail", {"delay": 0.3}, SLOWED),
+        ("mail", {"delay": SLOW}, DEFERRED),
+        ("data", {"drop": True}, DEFERRED),
+        ("data", {"reply": "421 4.4.2 Connection dropped"}, DEFERRED),
+        ("data", {"drop": True, "late": True}, DUPLICATED),  # stored, dropped before the 250
+        ("data", {"delay": SLOW, "late": True}, DUPLICATED),  # stored, the 250 too late
     ],
     ids=[
         "421-greeting",
         "drop-ehlo",
         "starttls-454",
         "drop-at-starttls",
+        "drop-at-tls-handshake",
         "auth-454",
         "slow-mail",
+        "mail-slower-than-timeout",
         "drop-data",
         "421-data",
+        "drop-after-stored",
+        "250-slower-than-timeout",
     ],
 )
 async def test_upstream_faults_lose_nothing_and_leave_nothing_stuck(
-    make_relay: RelayFactory, stage: str, fault: dict[str, Any]
+    make_relay: RelayFactory,
+    caplog: pytest.LogCaptureFixture,
+    stage: str,
+    fault: dict[str, Any],
+    effect: str,
 ) -> None:
-    relay = await make_relay()
+    caplog.set_level("INFO", logger="smtp365.relay")
+    relay = await make_relay(timeout=TIMEOUT)
     relay.sb.faults.set(stage, times=3, **fault)  # type: ignore[arg-type]
-    mids = [(await relay.send(i))[1] for i in range(6)]
-    await relay.settled(timeout=20)
+    sent = [await relay.send(i) for i in range(6)]
+    await relay.settled(timeout=30)
     stats = await relay.queue.stats()
-    assert stats[State.DELIVERED] == 6 and stats.pending == 0 and stats[State.FAILED] == 0
+    fired = relay.sb.faults.fired[stage]  # type: ignore[index]
     arrived = [m.message_id for m in relay.sb.store.list()]
-    assert set(mids) <= set(arrived)
+    lost = {mid for _, mid in sent} - set(arrived)
     duplicates = len(arrived) - len(set(arrived))
-    print(f"{stage} {fault}: 6 delivered, {duplicates} duplicate(s) upstream")
-    assert not relay.failed
-    assert relay.sb.faults.fired[stage] == 3  # type: ignore[index]
+    deferrals = [
+        e for qid, _ in sent for e in await relay.queue.history(qid) if e.event is Event.DEFERRED
+    ]
+    maybe = [r for r in caplog.messages if r.startswith("deferred ") and MAYBE_DELIVERED in r]
+    print(
+        f"{stage} {fault}: fired {fired}, deferred {len(deferrals)}, delivered "
+        f"{stats[State.DELIVERED]}, lost {len(lost)}, {duplicates} duplicate(s) upstream, "
+        f"{len(maybe)} deferral(s) logged as possibly delivered"
+    )
+    assert fired == 3
+    # Never in clear text: the sandbox saw no AUTH, MAIL, RCPT or DATA outside TLS.
+    assert relay.sb.stats.commands_in_clear == 0
+    assert all(m.tls_version for m in relay.sb.store.list())
+    assert not lost and stats[State.DELIVERED] == 6
+    assert stats.pending == 0 and stats[State.FAILED] == 0 and not relay.failed
+    # Each fault that broke an attempt deferred it, and the retry delivered it.
+    assert len(deferrals) == (0 if effect == SLOWED else fired)
+    if effect == DUPLICATED:
+        # The mailbox had each of those messages when the connection failed: the retry
+        # delivered it again, and the relay said it might.
+        assert duplicates == fired
+        assert len(maybe) == fired
+        assert all(MAYBE_DELIVERED in e.detail for e in deferrals)
+    else:
+        assert duplicates == 0
+        if stage != "data":  # failed before the final dot went out: no duplicate possible
+            assert maybe == []

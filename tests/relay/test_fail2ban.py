@@ -1,5 +1,6 @@
 """contrib/fail2ban against the relay's own log lines, checked by Debian's fail2ban-regex
-(.ci/run unpacks the package into .tools/fail2ban; it is never installed or started)."""
+(.ci/run unpacks the package into .tools/fail2ban; it is never installed or started).
+Without it the test is skipped, or fails when ``CI`` is set."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from smtp365.relay.logs import TextFormatter
 from smtp365.relay.policy import NetworkRule
 
-from .listener_helpers import MakeRelay
+from .listener_helpers import MakeRelay, cannot_run
 from .test_abuse import Client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ def fail2ban_regex() -> tuple[list[str], dict[str, str]]:
         return [found], {}
     script = UNPACKED / "usr" / "bin" / "fail2ban-regex"
     if not script.is_file():
-        pytest.skip("fail2ban-regex is missing (.ci/run unpacks Debian's fail2ban package)")
+        cannot_run("fail2ban-regex is missing (.ci/run unpacks Debian's fail2ban package)")
     env = {"PYTHONPATH": str(UNPACKED / "usr" / "lib" / "python3" / "dist-packages")}
     return ["/usr/bin/python3", str(script)], env
 

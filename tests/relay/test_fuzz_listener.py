@@ -3,16 +3,22 @@ session at a time over an in-memory transport with command sequences, DATA bodie
 fake end-of-data sequences, AUTH blobs and raw bytes, cut into random segments. Checked
 after every segment: no crash (nothing logged as a session error), no hang (the session
 gets back to waiting for input), bounded buffers, at most one message queued per DATA, a
-queued message for each ``250 ... queued as``, never AUTH in plain text.
+queued message for each ``250 ... queued as``, no queued message from a sender other than
+the sessions' own (a transaction smuggled behind a fake end of data would be queued from
+its own sender), never AUTH in plain text. Each session comes from its own address, so the
+per-address AUTH limit never answers in place of the TLS check.
 
-The default run tries two sessions written out and ``FUZZ_EXAMPLES`` (100) fixed generated
-ones; ``make fuzz`` tries 3,000 from a random ``FUZZ_SEED`` (printed, to replay a failure).
+The default run tries the sessions written out (a clean one, a transaction smuggled behind
+each fake end of data, AUTH with the right password in clear; each with the number of
+messages it must leave queued) and ``FUZZ_EXAMPLES`` (100) fixed generated ones; ``make
+fuzz`` tries 3,000 from a random ``FUZZ_SEED`` (printed, to replay a failure).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import os
 from collections import Counter
@@ -24,6 +30,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from smtp365.relay.listener import Limits, RelaySMTP
+from smtp365.relay.queue import QueuedMessage
 
 from .listener_helpers import LOCALHOST, MakeRelay, Relay
 
@@ -32,17 +39,21 @@ SEED = os.environ.get("FUZZ_SEED")  # set: a random search from this seed; unset
 FAKE_ENDS = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r", b".\n", b"\r\n.\x00\r\n"]
 
 
+LEGITIMATE = {"a@corp.example", ""}  # the senders the sessions give as their own
+
+
 class MemoryTransport(asyncio.Transport):
     """What the session writes, and whether it closed; no socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: str = "127.0.0.1") -> None:
         super().__init__()
+        self.peer = peer
         self.out = bytearray()
         self.closed = False
         self._protocol: asyncio.BaseProtocol | None = None
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 25)}.get(name, default)
+        return {"peername": (self.peer, 40000), "sockname": ("127.0.0.1", 25)}.get(name, default)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.closed:
@@ -141,19 +152,37 @@ CLEAN = [
     b"DATA\r\n",
     b"Subject: one\r\n\r\n..dot\r\n.\r\n",
 ]
-# A smuggled second message after a fake end of data, then a real second transaction
-# pipelined behind the end of the first.
-SMUGGLED = [
+
+
+def _smuggled(fake_end: bytes) -> list[bytes]:
+    """A second message smuggled after a fake end of data, then a real second transaction
+    pipelined behind the end of the first: one message queued, never the smuggled one."""
+    return [
+        b"EHLO fuzz.example\r\n",
+        b"MAIL FROM:<a@corp.example>\r\n",
+        b"RCPT TO:<t@foreign.example>\r\n",
+        b"DATA\r\n",
+        b"Subject: a\r\n\r\nx" + fake_end + b"MAIL FROM:<evil@x.example>\r\n"
+        b"RCPT TO:<v@x.example>\r\nDATA\r\nSubject: smuggled\r\n\r\n.\r\n"
+        b"MAIL FROM:<a@corp.example>\r\n",
+        b"RCPT TO:<t@foreign.example>\r\n",
+        b"DATA\r\n",
+        b"Subject: two\r\n\r\nok\r\n.\r\n",
+    ]
+
+
+# AUTH with the right password on a listener without TLS: refused (538), never 235.
+AUTH_IN_CLEAR = [
     b"EHLO fuzz.example\r\n",
-    b"MAIL FROM:<a@corp.example>\r\n",
-    b"RCPT TO:<t@foreign.example>\r\n",
-    b"DATA\r\n",
-    b"Subject: a\r\n\r\nx\n.\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<v@x.example>\r\n"
-    b"DATA\r\nSubject: smuggled\r\n\r\n.\r\nMAIL FROM:<a@corp.example>\r\n",
-    b"RCPT TO:<t@foreign.example>\r\n",
-    b"DATA\r\n",
-    b"Subject: two\r\n\r\nok\r\n.\r\n",
+    b"AUTH PLAIN " + _b64(b"\0app\0right-password") + b"\r\n",
 ]
+# The sessions written out, each with the number of messages it must leave queued.
+WRITTEN_OUT: list[tuple[list[bytes], int]] = [
+    (CLEAN, 1),
+    *((_smuggled(fake_end), 1) for fake_end in FAKE_ENDS),
+    (AUTH_IN_CLEAR, 0),
+]
+EXPECTED_QUEUED = {tuple(segments): n for segments, n in WRITTEN_OUT}
 
 
 def _segments(pieces: list[bytes], shapes: list[tuple[int, int]]) -> list[bytes]:
@@ -184,11 +213,13 @@ async def _settled(smtp: RelaySMTP, transport: MemoryTransport) -> None:
             await asyncio.sleep(0.001)  # the queue commits on its writer thread
 
 
-async def _session(relay: Relay, segments: list[bytes]) -> tuple[bytes, int]:
-    transport = MemoryTransport()
+async def _session(
+    relay: Relay, segments: list[bytes], peer: str
+) -> tuple[bytes, list[QueuedMessage]]:
+    transport = MemoryTransport(peer)
     smtp = RelaySMTP(relay.listener._shared)
     transport.set_protocol(smtp)
-    before = len(await relay.queue.list())
+    before = {m.id for m in await relay.queue.list()}
     smtp.connection_made(transport)
     await _settled(smtp, transport)
     for segment in segments:
@@ -202,7 +233,7 @@ async def _session(relay: Relay, segments: list[bytes]) -> tuple[bytes, int]:
     await asyncio.sleep(0)
     if smtp._handler_coroutine is not None:
         await asyncio.gather(smtp._handler_coroutine, return_exceptions=True)
-    return bytes(transport.out), len(await relay.queue.list()) - before
+    return bytes(transport.out), [m for m in await relay.queue.list() if m.id not in before]
 
 
 async def test_arbitrary_sessions_keep_the_invariants(
@@ -220,15 +251,19 @@ async def test_arbitrary_sessions_keep_the_invariants(
         database=None,
     )
     @given(session)
-    @example(CLEAN)
-    @example(SMUGGLED)
     def check(segments: list[bytes]) -> None:
-        future = asyncio.run_coroutine_threadsafe(_session(relay, segments), loop)
-        out, queued = future.result(timeout=60)
+        n = next(peers)
+        peer = f"127.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+        future = asyncio.run_coroutine_threadsafe(_session(relay, segments, peer), loop)
+        out, messages = future.result(timeout=60)
+        queued = len(messages)
         replies = out.split(b"\r\n")
         data_starts = sum(1 for r in replies if r.startswith(b"354 "))
         acks = sum(1 for r in replies if r.startswith(b"250 2.0.0 Ok: queued as "))
         assert queued == acks <= data_starts, (queued, acks, data_starts)
+        assert {m.sender for m in messages} <= LEGITIMATE, [m.sender for m in messages]
+        expected = EXPECTED_QUEUED.get(tuple(segments))
+        assert expected is None or queued == expected, (queued, expected)
         seen["sessions"] += 1
         seen["with a message queued"] += acks > 0
         seen["messages queued"] += acks
@@ -238,11 +273,15 @@ async def test_arbitrary_sessions_keep_the_invariants(
         errors = [r for r in caplog.records if "session error" in r.getMessage()]
         assert not errors, errors[0].getMessage()
 
+    for segments, _ in reversed(WRITTEN_OUT):  # tried first, in this order
+        check = example(segments)(check)
     if SEED is not None:
         check = hypothesis.seed(int(SEED))(check)
     loop = asyncio.get_running_loop()
+    peers = itertools.count(1)
     seen: Counter[str] = Counter()
     # hypothesis is synchronous: it runs in a thread, each session on this loop.
     await asyncio.to_thread(check)
     print(dict(seen))
-    assert seen["with a message queued"] > 0  # CLEAN and SMUGGLED each queue one
+    assert seen["sessions"] >= len(WRITTEN_OUT)
+    assert seen["with a message queued"] > 0

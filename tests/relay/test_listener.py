@@ -261,6 +261,30 @@ async def test_plain_auth_allowed_for_flagged_network(make_relay: MakeRelay) -> 
     assert msg.client == "app"
 
 
+async def test_starttls_forgets_an_auth_done_in_clear(make_relay: MakeRelay) -> None:
+    net = NetworkRule.parse("127.0.0.0/8", senders=["dev@corp.example"], allow_plain_auth=True)
+    relay = await make_relay(mode="starttls", networks=(net,))
+    relay.users.add("app", "pw", ["app@corp.example"])
+
+    def run() -> tuple[int, list[str], int, int]:
+        with relay.connect() as smtp:
+            smtp.ehlo("dev.example")
+            authed = smtp.docmd("AUTH", "PLAIN " + _plain("app", "pw"))[0]  # allowed in clear
+            smtp.starttls(context=relay.client_context())
+            smtp.ehlo("dev.example")
+            offered = smtp.esmtp_features.get("auth", "").split()
+            # The network's identity again, not the user's: the user's sender is refused.
+            as_user = smtp.docmd("MAIL FROM:<app@corp.example>")[0]
+            as_network = smtp.docmd("MAIL FROM:<dev@corp.example>")[0]
+            return authed, offered, as_user, as_network
+
+    authed, offered, as_user, as_network = await asyncio.to_thread(run)
+    assert authed == 235
+    assert offered == ["PLAIN", "LOGIN"]
+    assert as_user == 553
+    assert as_network == 250
+
+
 # ---------------------------------------------------------------- smuggling
 
 FAKE_ENDS = [

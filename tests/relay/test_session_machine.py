@@ -1,7 +1,8 @@
 """A hypothesis state machine over command orderings on a STARTTLS listener, over real
 sockets and real TLS: EHLO, STARTTLS (also with a command injected behind it), AUTH right
-and wrong, MAIL, RCPT, DATA, RSET, NOOP in any order. A model of the session says what each
-reply must be; after every step the queue holds exactly the messages that got ``250``.
+and wrong, MAIL, RCPT, DATA (also the three pipelined in one segment), RSET, NOOP in any
+order. A model of the session says what each reply must be; after every step the queue
+holds exactly the messages that got ``250``.
 
 Checked among others: AUTH is never accepted before TLS, everything is forgotten after
 STARTTLS (EHLO again, AUTH again, no envelope), commands sent behind STARTTLS are never
@@ -222,6 +223,29 @@ def test_command_orderings_follow_the_model(background: Background) -> None:
             assert r.startswith(b"354"), r
             body = b"Subject: m\r\n\r\n" + (b"..leading dot\r\n" if dots else b"") + b"x\r\n.\r\n"
             self.sock.sendall(body)
+            r = self.reply()
+            assert r.startswith(b"250 2.0.0 Ok: queued as "), r
+            self.expected += 1
+            self._reset_envelope()
+
+        @precondition(lambda self: not self.closed)
+        @rule()
+        def pipelined_transaction(self) -> None:
+            # RFC 2920: MAIL, RCPT and DATA in one segment, then the replies in order.
+            self.sock.sendall(
+                b"MAIL FROM:<app@corp.example>\r\nRCPT TO:<t@foreign.example>\r\nDATA\r\n"
+            )
+            mail, rcpt, data = self.reply(), self.reply(), self.reply()
+            mail_ok = self.greeted and not self.mail
+            assert mail.startswith(b"250" if mail_ok else b"503"), mail
+            self.mail = self.mail or mail_ok
+            assert rcpt.startswith(b"250" if self.greeted and self.mail else b"503"), rcpt
+            self.rcpts += rcpt.startswith(b"250")
+            if not self.greeted or not self.mail or not self.rcpts:
+                assert data.startswith(b"503"), data
+                return
+            assert data.startswith(b"354"), data
+            self.sock.sendall(b"Subject: pipelined\r\n\r\nx\r\n.\r\n")
             r = self.reply()
             assert r.startswith(b"250 2.0.0 Ok: queued as "), r
             self.expected += 1

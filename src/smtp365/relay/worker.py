@@ -340,7 +340,10 @@ class Worker:
             except Smtp365Error as exc:  # network, TLS, token, config: not the message's fault
                 counted = False
                 keep = False
-                await self._defer(msg, f"{type(exc).__name__}: {exc.what}")
+                why = f"{type(exc).__name__}: {exc.what}"
+                if getattr(exc, "possibly_delivered", False):  # lost between the dot and 250
+                    why += "; may have been delivered; the retry can duplicate it"
+                await self._defer(msg, why)
                 return Result.DEFERRED
             else:
                 self._counted(msg.id, grant)

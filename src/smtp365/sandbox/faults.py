@@ -10,7 +10,7 @@ import random
 import threading
 from dataclasses import dataclass
 
-from .settings import STAGES, FaultRule, FaultSettings, Stage
+from .settings import STAGES, FaultRule, FaultSettings, Stage, check_late
 
 __all__ = ["Faults", "FiredFault"]
 
@@ -23,14 +23,15 @@ class FiredFault:
     reply: str | None
     drop: bool
     delay: float
+    late: bool = False
 
 
 class Faults:
     """The current fault rules.
 
-    ``set(stage, reply=..., drop=..., delay=..., probability=..., times=...)``
-    installs or replaces the rule of a stage; ``clear()`` removes rules;
-    ``fired`` counts how often each stage's rule fired.
+    ``set(stage, reply=..., drop=..., delay=..., late=..., probability=..., times=...)``
+    installs or replaces the rule of a stage (see :class:`~.settings.FaultRule`);
+    ``clear()`` removes rules; ``fired`` counts how often each stage's rule fired.
     """
 
     def __init__(self, settings: FaultSettings | None = None) -> None:
@@ -48,12 +49,16 @@ class Faults:
         reply: str | None = None,
         drop: bool = False,
         delay: float = 0.0,
+        late: bool = False,
         probability: float = 1.0,
         times: int | None = None,
     ) -> FaultRule:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
-        rule = FaultRule(reply=reply, drop=drop, delay=delay, probability=probability, times=times)
+        rule = FaultRule(
+            reply=reply, drop=drop, delay=delay, late=late, probability=probability, times=times
+        )
+        check_late(stage, rule)
         with self._lock:
             self._rules[stage] = rule
             self._left[stage] = times
@@ -92,4 +97,6 @@ class Faults:
                 else:
                     self._left[stage] = left - 1
             self.fired[stage] += 1
-            return FiredFault(stage=stage, reply=rule.reply, drop=rule.drop, delay=rule.delay)
+            return FiredFault(
+                stage=stage, reply=rule.reply, drop=rule.drop, delay=rule.delay, late=rule.late
+            )

@@ -54,7 +54,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "DEFAULT_APP_ID",
@@ -207,13 +207,20 @@ class FaultRule(_Model):
     ``reply`` replaces the server's answer (a ``421`` closes the connection);
     ``drop`` closes the connection instead of answering (for ``data``: in the
     middle of the message, after the first line arrived); ``delay`` waits that
-    many seconds before answering. ``probability`` draws from the seeded RNG;
-    ``times`` limits how often the rule fires (``None``: forever).
+    many seconds before answering. ``late`` (``data`` and ``starttls`` only) moves
+    the fault behind the stage's work: at ``data`` the message is stored first, and
+    then the ``250`` is delayed, replaced or dropped (the client cannot tell that it
+    was delivered); at ``starttls`` (with ``drop``) the ``220`` goes out first, and
+    then, after the ``delay``, the connection is dropped where the TLS handshake would
+    begin.
+    ``probability`` draws from the seeded RNG; ``times`` limits how often the rule
+    fires (``None``: forever).
     """
 
     reply: str | None = None
     drop: bool = False
     delay: float = 0.0
+    late: bool = False
     probability: float = Field(default=1.0, ge=0.0, le=1.0)
     times: int | None = Field(default=None, ge=1)
 
@@ -246,6 +253,24 @@ class FaultSettings(_Model):
             if isinstance(rule, FaultRule):
                 found[stage] = rule
         return found
+
+    @model_validator(mode="after")
+    def _late(self) -> FaultSettings:
+        for stage, rule in self.rules().items():
+            check_late(stage, rule)
+        return self
+
+
+LATE_STAGES: tuple[Stage, ...] = ("starttls", "data")
+
+
+def check_late(stage: Stage, rule: FaultRule) -> None:
+    """``late`` exists for the stages with work before (``data``: storing) or after
+    (``starttls``: the handshake) their reply; at ``starttls`` it drops the connection."""
+    if rule.late and stage not in LATE_STAGES:
+        raise ValueError(f"late faults exist for {' and '.join(LATE_STAGES)} only, not {stage}")
+    if rule.late and stage == "starttls" and not rule.drop:
+        raise ValueError("a late starttls fault drops the connection: set drop = true")
 
 
 def _default_mailboxes() -> list[MailboxSettings]:

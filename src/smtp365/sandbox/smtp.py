@@ -53,6 +53,7 @@ _STAGE_OF: dict[str, Stage] = {
 }
 _DOMAIN = re.compile(r"^(\[[0-9A-Za-z:.]+\]|[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?)$")
 _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+_NEED_TLS = frozenset({"AUTH", "MAIL", "RCPT", "DATA", "BDAT"})
 
 
 @dataclass
@@ -105,6 +106,7 @@ class ExchangeSMTP(SMTP):
         self._tls_version = ""
         self._legacy_tls = False
         self._txn: _Txn | None = None
+        self._late_starttls: FiredFault | None = None
         self._counted = False
         self._closed_once = False
         settings = ctx.settings
@@ -150,6 +152,8 @@ class ExchangeSMTP(SMTP):
                 )
                 self._close()
                 return
+            if name in _NEED_TLS and not self._tls_active:
+                self._ctx.stats.commands_in_clear += 1
             stage = _STAGE_OF.get(name)
             if stage is not None and await self._apply_fault(stage):
                 return
@@ -168,6 +172,9 @@ class ExchangeSMTP(SMTP):
         """Apply a fault at a command stage; ``True`` when the command must not run."""
         fired = self._fault(stage)
         if fired is None:
+            return False
+        if fired.late:  # starttls: after the 220 (smtp_STARTTLS)
+            self._late_starttls = fired
             return False
         if fired.delay > 0:
             await asyncio.sleep(fired.delay)
@@ -352,6 +359,12 @@ class ExchangeSMTP(SMTP):
             await self.push("503 5.5.1 Bad sequence of commands")  # sandbox choice
             return
         await self.push("220 2.0.0 SMTP server ready")
+        late, self._late_starttls = self._late_starttls, None
+        if late is not None:  # drop where the client begins the TLS handshake
+            if late.delay > 0:
+                await asyncio.sleep(late.delay)
+            self.abort()
+            return
         # The same steps as aiosmtpd's own STARTTLS, which answers with a different text.
         waiter = self.loop.create_future()
         assert self.tls_context is not None
@@ -693,7 +706,7 @@ class ExchangeSMTP(SMTP):
                 line = await self._reader.read(exc.consumed)
             except asyncio.IncompleteReadError:
                 return
-            if txn.data_fault is not None and txn.data_fault.drop:
+            if txn.data_fault is not None and txn.data_fault.drop and not txn.data_fault.late:
                 self.abort()
                 return
             if not fragments and line == b".\r\n":
@@ -746,7 +759,7 @@ class ExchangeSMTP(SMTP):
             return
         if not txn.chunks and txn.data_fault is None:
             txn.data_fault = self._fault("data")
-            if txn.data_fault is not None and txn.data_fault.drop:
+            if txn.data_fault is not None and txn.data_fault.drop and not txn.data_fault.late:
                 self.abort()
                 return
         txn.chunked_size += size
@@ -772,7 +785,7 @@ class ExchangeSMTP(SMTP):
         """End of data: faults, SendAs, quota, store, final reply."""
         self._set_post_data_state()
         fault = txn.data_fault
-        if fault is not None:
+        if fault is not None and not fault.late:
             if fault.delay > 0:
                 await asyncio.sleep(fault.delay)
             if fault.reply:
@@ -840,6 +853,15 @@ class ExchangeSMTP(SMTP):
         self._ctx.usage.record(mbx.address, len(txn.rcpts))
         self._ctx.stats.messages_accepted += 1
         self._ctx.stats.recipients_accepted += len(txn.rcpts)
+        if fault is not None and fault.late:  # stored; the client may never learn it
+            if fault.delay > 0:
+                await asyncio.sleep(fault.delay)
+            if fault.drop:
+                self.abort()
+                return
+            if fault.reply:
+                await self._reply_maybe_close(fault.reply)
+                return
         await self.push(f"250 2.0.0 OK {smtp_id} [Hostname={host}]")
 
 

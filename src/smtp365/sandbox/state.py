@@ -33,6 +33,9 @@ class Stats:
     messages_rejected: int = 0
     recipients_accepted: int = 0
     faults_injected: int = 0
+    commands_in_clear: int = 0
+    """AUTH, MAIL, RCPT, DATA and BDAT received outside TLS (a client that sends them is
+    refused, and should never have tried: Exchange Online wants STARTTLS first)."""
 
     def snapshot(self) -> dict[str, Any]:
         data = asdict(self)

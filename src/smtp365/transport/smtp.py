@@ -96,6 +96,14 @@ DATA_CHUNK = 256 * 1024
 IDLE_CHECK = 10.0
 
 
+class _Unanswered(Exception):
+    """The whole message was sent, but its reply never came: the server may have it."""
+
+    def __init__(self, cause: SMTPException | OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
     """``DATA`` and the content, without the copies ``smtp.data`` makes.
 
@@ -106,12 +114,20 @@ async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespons
     (one ``bytes.replace``, no copy when no line starts with a dot) and written in chunks,
     each after the transport has room. Content with bare CR or LF goes the library's way.
     Uses the 5.x protocol's flow control and reply flag (ADR 0001 pins aiosmtplib < 6).
+
+    A connection lost (or a reply timed out) after the final dot raises :class:`_Unanswered`;
+    on the library's way that is any loss after ``DATA``, as it cannot tell where it was.
     """
     crlf = content.count(b"\r\n")
     plain = content.endswith(b"\r\n") and content.count(b"\n") == crlf == content.count(b"\r")
     protocol: Any = smtp.protocol
     if not plain or protocol is None:
-        return await smtp.data(content)
+        try:
+            return await smtp.data(content)
+        except SMTPResponseException:
+            raise
+        except (SMTPException, OSError) as exc:
+            raise _Unanswered(exc) from exc
     start = await smtp.execute_command(b"DATA")
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
@@ -123,7 +139,10 @@ async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespons
         protocol.write(stuffed[at : at + DATA_CHUNK])
         await asyncio.wait_for(protocol._drain_helper(), smtp.timeout)
     protocol.write(b".\r\n")
-    response: aiosmtplib.SMTPResponse = await protocol.read_response(timeout=smtp.timeout)
+    try:
+        response: aiosmtplib.SMTPResponse = await protocol.read_response(timeout=smtp.timeout)
+    except (SMTPException, OSError) as exc:
+        raise _Unanswered(exc) from exc
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
@@ -513,9 +532,16 @@ class SmtpTransport:
             else:
                 await self._rset()
             raise _rejected("data", exc.code, exc.message) from None
+        except _Unanswered as lost:
+            # After the final dot: the server may have the message. Callers that
+            # retry accept a possible duplicate (the error says so).
+            self._drop()
+            error = self._map(lost.cause, "data")
+            if isinstance(error, TransportError):
+                error.possibly_delivered = True
+            raise error from None
         except (SMTPException, OSError) as exc:
-            # The connection died during DATA: the server may or may not have
-            # the message. Callers that retry accept a possible duplicate.
+            # Before the final dot: the server cannot have accepted the message.
             self._drop()
             raise self._map(exc, "data") from None
         reply = Reply.parse(response.code, response.message)

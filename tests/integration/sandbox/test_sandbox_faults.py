@@ -150,3 +150,62 @@ def test_fault_reply_must_look_like_smtp() -> None:
         faults.set("mail", reply="oops")
     with pytest.raises(ValueError):
         faults.set("nowhere", reply=THROTTLED)  # type: ignore[arg-type]
+
+
+def test_late_drop_at_data_stores_then_closes_without_the_250(
+    sandbox: Sandbox, authed, make_message
+) -> None:
+    client = authed(sandbox)
+    sandbox.faults.set("data", drop=True, late=True, times=1)
+    client.cmd("MAIL FROM:<alice@contoso.test>")
+    client.cmd("RCPT TO:<x@example.net>")
+    assert client.cmd("DATA").code == 354
+    with pytest.raises(CLOSED):
+        client.send(make_message() + b".\r\n")
+        client.read()
+    assert len(sandbox.store.list()) == 1  # delivered, though the client never heard it
+
+
+def test_late_delay_at_data_stores_before_the_slow_250(
+    sandbox: Sandbox, authed, make_message
+) -> None:
+    client = authed(sandbox)
+    sandbox.faults.set("data", delay=0.3, late=True, times=1)
+    client.cmd("MAIL FROM:<alice@contoso.test>")
+    client.cmd("RCPT TO:<x@example.net>")
+    assert client.cmd("DATA").code == 354
+    client.send(make_message() + b".\r\n")
+    time.sleep(0.1)
+    assert len(sandbox.store.list()) == 1  # stored while the 250 waits
+    assert client.read().code == 250
+
+
+def test_late_drop_at_starttls_comes_after_the_220(sandbox: Sandbox, wire, client_tls) -> None:
+    sandbox.faults.set("starttls", drop=True, late=True, times=1)
+    client = wire(sandbox)
+    client.ehlo()
+    with pytest.raises(CLOSED):
+        client.starttls(client_tls(sandbox))  # the 220, then no TLS handshake
+    again = wire(sandbox)
+    again.secure(client_tls(sandbox))
+
+
+def test_late_faults_exist_at_data_and_starttls_only() -> None:
+    faults = Faults()
+    with pytest.raises(ValueError):
+        faults.set("mail", delay=1.0, late=True)
+    with pytest.raises(ValueError):
+        faults.set("starttls", delay=1.0, late=True)  # late at starttls drops
+    with pytest.raises(ValueError):
+        FaultSettings.model_validate({"rcpt": {"drop": True, "late": True}})
+
+
+def test_commands_outside_tls_are_counted(sandbox: Sandbox, wire, client_tls) -> None:
+    client = wire(sandbox)
+    client.ehlo()
+    client.cmd("AUTH LOGIN")
+    client.cmd("MAIL FROM:<alice@contoso.test>")
+    assert sandbox.stats.commands_in_clear == 2
+    client.secure(client_tls(sandbox))
+    client.cmd("MAIL FROM:<alice@contoso.test>")
+    assert sandbox.stats.commands_in_clear == 2
