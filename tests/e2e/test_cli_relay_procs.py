@@ -161,9 +161,10 @@ async def test_per_address_limits_hold_across_processes(sandbox: Sandbox, tmp_pa
                 "mode": "plain",
                 "max_connections_per_client": 4,
                 "auth_failures_per_minute": 2,
+                "plain_auth_networks": ["lan"],
             }
         ],
-        networks=[{"cidr": "127.0.0.0/8", "name": "lan", "allow_plain_auth": True}],
+        networks=[{"cidr": "127.0.0.0/8", "name": "lan"}],
     )
     relay = await RelayProcess(cfg, cwd=tmp_path).start()
     held: list[_Line] = []

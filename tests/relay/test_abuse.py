@@ -18,7 +18,8 @@ from smtp365.relay.policy import NetworkRule
 
 from .listener_helpers import MakeRelay, Relay
 
-PLAIN_AUTH_OK = NetworkRule.parse("127.0.0.0/8", name="lan", allow_plain_auth=True)
+LAN = NetworkRule.parse("127.0.0.0/8", name="lan")
+PLAIN_AUTH_OK = {"networks": (LAN,), "plain_auth_networks": frozenset({"lan"})}
 _FAILED = re.compile(
     r"AUTH failed from \[(?P<ip>[^\]]+)\]: mechanism=PLAIN user='(?P<user>[^']*)' "
     r"failures_last_minute=(?P<n>\d+) delay=(?P<delay>[\d.]+)s"
@@ -83,7 +84,7 @@ async def test_failed_auth_per_address_delay_doubles_then_421(
     make_relay: MakeRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
     limits = Limits(auth_delay=0.2, auth_delay_max=0.8, auth_failures_per_ip=4)
-    relay = await make_relay(networks=(PLAIN_AUTH_OK,), limits=limits)
+    relay = await make_relay(**PLAIN_AUTH_OK, limits=limits)
     relay.users.add("app", "right-password", ["*"])
     caplog.set_level("WARNING", logger="smtp365")
 
@@ -115,7 +116,7 @@ async def test_failed_auth_per_address_delay_doubles_then_421(
 async def test_password_checks_run_one_at_a_time(make_relay: MakeRelay) -> None:
     # Each argon2 check takes 64 MiB for a moment: a burst of AUTHs must queue for the one
     # thread that checks passwords, not run side by side.
-    relay = await make_relay(networks=(PLAIN_AUTH_OK,))
+    relay = await make_relay(**PLAIN_AUTH_OK)
     relay.users.add("app", "right-password", ["*"])
     real_verify = relay.users.verify
     lock = threading.Lock()

@@ -43,8 +43,8 @@ def _plain(user: str, password: str) -> str:
 async def test_filter_bans_exactly_the_failed_auth_addresses(
     make_relay: MakeRelay, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    net = NetworkRule.parse("127.0.0.0/8", name="lan", allow_plain_auth=True)
-    relay = await make_relay(networks=(net,))
+    net = NetworkRule.parse("127.0.0.0/8", name="lan")
+    relay = await make_relay(networks=(net,), plain_auth_networks=frozenset({"lan"}))
     relay.users.add("app", "right-password", ["app@corp.example"])
     caplog.set_level(logging.INFO, logger="smtp365")
 

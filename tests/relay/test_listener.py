@@ -241,9 +241,33 @@ async def test_wrong_password_535_then_421_on_fourth_attempt(make_relay: MakeRel
     assert await asyncio.to_thread(run) == [535, 535, 535, 421]
 
 
-async def test_plain_auth_allowed_for_flagged_network(make_relay: MakeRelay) -> None:
-    net = NetworkRule.parse("127.0.0.0/8", senders=["dev@corp.example"], allow_plain_auth=True)
-    relay = await make_relay(networks=(net,))
+@pytest.mark.parametrize(
+    "plain_auth_networks",
+    [frozenset(), frozenset({"other"})],
+    ids=["listener-allows-none", "listener-names-another-network"],
+)
+async def test_plain_auth_refused_unless_the_listener_names_the_clients_network(
+    make_relay: MakeRelay, plain_auth_networks: frozenset[str]
+) -> None:
+    """An allow-listed network alone does not open AUTH in clear: the listener must name it."""
+    lan = NetworkRule.parse("127.0.0.0/8", senders=["dev@corp.example"], name="lan")
+    relay = await make_relay(networks=(lan,), plain_auth_networks=plain_auth_networks)
+    relay.users.add("app", "pw", ["app@corp.example"])
+
+    def run() -> tuple[bool, int]:
+        with relay.connect() as smtp:
+            smtp.ehlo("dev.example")
+            offered = "auth" in smtp.esmtp_features
+            return offered, smtp.docmd("AUTH", "PLAIN " + _plain("app", "pw"))[0]
+
+    assert await asyncio.to_thread(run) == (False, 538)
+
+
+async def test_plain_auth_allowed_where_the_listener_names_the_network(
+    make_relay: MakeRelay,
+) -> None:
+    net = NetworkRule.parse("127.0.0.0/8", senders=["dev@corp.example"], name="dev")
+    relay = await make_relay(networks=(net,), plain_auth_networks=frozenset({"dev"}))
     relay.users.add("app", "pw", ["app@corp.example"])
 
     def run() -> tuple[int, int]:
@@ -262,8 +286,10 @@ async def test_plain_auth_allowed_for_flagged_network(make_relay: MakeRelay) -> 
 
 
 async def test_starttls_forgets_an_auth_done_in_clear(make_relay: MakeRelay) -> None:
-    net = NetworkRule.parse("127.0.0.0/8", senders=["dev@corp.example"], allow_plain_auth=True)
-    relay = await make_relay(mode="starttls", networks=(net,))
+    net = NetworkRule.parse("127.0.0.0/8", senders=["dev@corp.example"], name="dev")
+    relay = await make_relay(
+        mode="starttls", networks=(net,), plain_auth_networks=frozenset({"dev"})
+    )
     relay.users.add("app", "pw", ["app@corp.example"])
 
     def run() -> tuple[int, list[str], int, int]:

@@ -815,3 +815,37 @@ def test_env_never_silently_creates_an_account_beside_the_file(tmp_path: Path) -
     env = {"HOME": str(tmp_path), "SMTP365_USERNAME": "x@contoso.com"}
     with pytest.raises(ConfigError, match="reports"):
         load(cfg, env=env)
+
+
+# ------------------------------------------------------------------ the [relay] table
+
+RELAY_PLAIN_AUTH = (
+    ONE_ACCOUNT
+    + """
+[[relay.networks]]
+cidr = "192.168.10.0/24"
+name = "printers"
+
+[[relay.networks]]
+cidr = "192.168.20.0/24"
+
+[[relay.listeners]]
+port = 2525
+plain_auth_networks = [{names}]
+"""
+)
+
+
+def test_plain_auth_networks_name_allow_listed_networks(write: Write, env: dict[str, str]) -> None:
+    text = RELAY_PLAIN_AUTH.format(names='"printers", "192.168.20.0/24"')
+    settings = load(write(text), env=env)
+    assert settings.relay.listeners[0].plain_auth_networks == ["printers", "192.168.20.0/24"]
+
+
+def test_plain_auth_for_a_network_that_is_not_allow_listed_is_refused(
+    write: Write, env: dict[str, str]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(RELAY_PLAIN_AUTH.format(names='"printerz"')), env=env)
+    message = str(info.value)
+    assert "'printerz'" in message and "printers" in message and "allow-listed" in message

@@ -36,6 +36,10 @@ class ListenerSettings(BaseModel):
     auth_attempts: int = Field(default=3, ge=1)  # per connection, then 421
     auth_failures_per_minute: int = Field(default=10, ge=1, le=32)  # per client address, then 421
     max_connections_per_client: int = Field(default=50, ge=1)  # at once, per address
+    # [[relay.networks]] (by name, or CIDR when unnamed) whose hosts may AUTH on this listener
+    # before TLS: legacy devices that can do AUTH but not STARTTLS. The password crosses the
+    # network in clear.
+    plain_auth_networks: list[str] = Field(default_factory=list)
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -55,7 +59,6 @@ class NetworkSettings(BaseModel):
     cidr: str
     name: str = ""
     senders: list[str] = Field(default_factory=lambda: ["*"])
-    allow_plain_auth: bool = False  # AUTH without TLS from these hosts (legacy devices)
 
     @field_validator("cidr")
     @classmethod
@@ -144,6 +147,16 @@ class RelayConfig(BaseModel):
             seen.add(key)
         if self.retry_max < self.retry_base:
             raise ValueError("retry_max must not be shorter than retry_base")
+        names = {n.name or n.cidr for n in self.networks}
+        for listener in self.listeners:
+            unknown = [name for name in listener.plain_auth_networks if name not in names]
+            if unknown:
+                raise ValueError(
+                    f"listener {listener.host}:{listener.port}: plain_auth_networks names "
+                    f"{', '.join(map(repr, unknown))}, which no [[relay.networks]] entry is"
+                    f" (known: {', '.join(sorted(names)) or 'none'}); plain AUTH is only for"
+                    " allow-listed networks: add the network or fix the name"
+                )
         return self
 
     def resolved_state_dir(self, state_home: Path) -> Path:

@@ -7,8 +7,9 @@ DATA) is overridden. What it enforces (security.md §2-§5):
 * **Relay control** through :class:`~smtp365.relay.policy.RelayPolicy`: authenticated local
   users or allow-listed networks only; routing forms refused; senders checked at MAIL.
 * **AUTH** PLAIN/LOGIN against :class:`~smtp365.relay.users.UserDB`, offered and accepted
-  only inside TLS (``538 5.7.11`` otherwise) unless the client's allow-listed network says
-  ``allow_plain_auth``; after ``auth_attempts`` failures the next AUTH gets ``421`` and close.
+  only inside TLS (``538 5.7.11`` otherwise) unless the listener lets the client's
+  allow-listed network do it (``plain_auth_networks``); after ``auth_attempts`` failures
+  the next AUTH gets ``421`` and close.
   Each failure is answered after a delay that doubles with the address's failures in the
   last minute (0.5 s, 1 s, 2 s ... 30 s); at ``auth_failures_per_ip`` an address gets
   ``421`` at AUTH until the minute has passed. One log line per failure: ``AUTH failed
@@ -108,6 +109,8 @@ class ListenerConfig:
     limits: Limits = field(default_factory=Limits)
     bare_newline: Literal["reject", "normalize"] = "reject"
     greet_pause: float = 0.0  # wait this long for early talkers before the greeting
+    # allow-listed networks (NetworkRule.label) whose hosts may AUTH here before TLS
+    plain_auth_networks: frozenset[str] = frozenset()
     min_free_bytes: int | None = None  # default: 1.5 x max_message_size
 
     @property
@@ -280,7 +283,9 @@ class RelaySMTP(SMTP):
         return identity
 
     def _auth_permitted(self) -> bool:
-        return bool(self.tls_version()) or self._shared.policy.plain_auth_allowed(self.client_ip)
+        return bool(self.tls_version()) or self._shared.policy.plain_auth_allowed(
+            self.client_ip, self._shared.config.plain_auth_networks
+        )
 
     def _pending_input(self) -> bool:
         buffer: Any = getattr(self._reader, "_buffer", b"")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from smtp365.relay.users import sender_allowed
@@ -118,7 +118,11 @@ class NetworkRule:
     network: IPNetwork
     senders: tuple[str, ...] = ("*",)
     name: str = ""
-    allow_plain_auth: bool = False  # AUTH without TLS is allowed from this network
+
+    @property
+    def label(self) -> str:
+        """The name, or the CIDR of an unnamed network."""
+        return self.name or str(self.network)
 
     @classmethod
     def parse(cls, cidr: str, senders: Iterable[str] = ("*",), **kw: object) -> NetworkRule:
@@ -172,11 +176,15 @@ class RelayPolicy:
         rule = self.network_for(client_ip)
         if rule is None:
             return None
-        return ClientIdentity("network", rule.name or str(rule.network), rule.senders)
+        return ClientIdentity("network", rule.label, rule.senders)
 
-    def plain_auth_allowed(self, client_ip: str) -> bool:
+    def plain_auth_allowed(self, client_ip: str, networks: Collection[str]) -> bool:
+        """Whether the client is in one of the allow-listed ``networks`` (names, or CIDRs of
+        unnamed ones) that a listener lets AUTH before TLS."""
+        if not networks:
+            return False
         rule = self.network_for(client_ip)
-        return rule is not None and rule.allow_plain_auth
+        return rule is not None and rule.label in networks
 
     # ------------------------------------------------------------- MAIL / RCPT
 

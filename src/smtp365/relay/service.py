@@ -260,10 +260,7 @@ class RelayService:
         cfg = self.config
         users = UserDB(cfg.users_file or self.state_dir / "users.json")
         policy = RelayPolicy(
-            NetworkRule.parse(
-                n.cidr, n.senders, name=n.name or n.cidr, allow_plain_auth=n.allow_plain_auth
-            )
-            for n in cfg.networks
+            NetworkRule.parse(n.cidr, n.senders, name=n.name or n.cidr) for n in cfg.networks
         )
         intake = Intake(queue, hostname=self.hostname, router=self.route, on_enqueued=on_enqueued)
         for i, item in enumerate(cfg.listeners):
@@ -346,6 +343,7 @@ class RelayService:
                 max_connections_per_client=item.max_connections_per_client,
             ),
             bare_newline=item.bare_newline,
+            plain_auth_networks=frozenset(item.plain_auth_networks),
         )
 
     async def _purge_loop(self) -> None:
