@@ -110,8 +110,9 @@ class QueueContract:
         assert await queue.claim(10, 60, now=clock.now + 10**6) == []
         with pytest.raises(QueueError, match="content is gone"):
             await queue.read(qid)
-        with pytest.raises(QueueError, match="already delivered"):
-            await queue.complete(qid, reply="250 again")
+        # a second delivery (a duplicate) changes nothing
+        assert await queue.complete(qid, reply="250 again") is False
+        assert (await self._get(queue, qid)).last_reason.startswith("250 2.0.0 OK <abc@")
 
     async def test_enqueue_under_an_id_chosen_before(self, queue: Queue) -> None:
         first, second = queue.new_id(), queue.new_id()
@@ -184,6 +185,75 @@ class QueueContract:
         assert (await self._get(queue, qid)).state is State.DELIVERED
         assert await queue.claim(1, 30, now=clock.now + 60) == []
 
+    # ------------------------------------------------------------------ lease tokens
+
+    async def test_a_stale_attempt_cannot_defer_fail_or_renew(
+        self, queue: Queue, clock: FakeClock
+    ) -> None:
+        qid = await queue.enqueue(ENVELOPE, message(1))
+        [first] = await queue.claim(1, 30)
+        clock.advance(30)
+        [second] = await queue.claim(1, 30)
+        assert (first.attempts, second.attempts) == (1, 2)
+        # the first worker reports late: nothing changes, the second keeps its lease
+        assert await queue.defer(qid, until=clock.now, reason="451", attempt=1) is False
+        assert await queue.fail(qid, reason="550 5.1.1 stale", attempt=1) is False
+        assert await queue.renew(qid, attempt=1, lease_seconds=600) is False
+        got = await self._get(queue, qid)
+        assert (got.state, got.attempts, got.lease_until) == (State.ACTIVE, 2, clock.now + 30)
+        assert await queue.claim(1, 30) == []  # not handed out a third time
+        assert [e.event for e in await queue.history(qid)] == [Event.EXPIRED]
+        # the current attempt settles it
+        assert await queue.defer(qid, until=clock.now + 60, reason="451 later", attempt=2)
+        got = await self._get(queue, qid)
+        assert (got.state, got.last_reason) == (State.DEFERRED, "451 later")
+
+    async def test_complete_wins_over_a_stale_failure(self, queue: Queue, clock: FakeClock) -> None:
+        qid = await queue.enqueue(ENVELOPE, LARGE)
+        [first] = await queue.claim(1, 30)
+        clock.advance(30)
+        [second] = await queue.claim(1, 30)
+        assert await queue.fail(qid, reason="550 5.7.1 no", attempt=second.attempts) is True
+        # the first attempt had been accepted upstream all along: delivered wins
+        assert await queue.complete(first.id, reply="250 2.0.0 OK") is True
+        got = await self._get(queue, qid)
+        assert (got.state, got.last_reason) == (State.DELIVERED, "250 2.0.0 OK")
+        with pytest.raises(QueueError, match="content is gone"):
+            await queue.read(qid)
+        # settled: the attempts still out report in vain
+        assert await queue.defer(qid, until=clock.now, reason="451", attempt=2) is False
+        assert await queue.fail(qid, reason="550", attempt=2) is False
+        assert await queue.renew(qid, attempt=2, lease_seconds=30) is False
+        assert await queue.complete(qid, reply="250 again") is False
+        events = [e.event for e in await queue.history(qid)]
+        assert events == [Event.EXPIRED, Event.FAILED, Event.DELIVERED]
+        assert await queue.claim(1, 30, now=clock.now + 10**6) == []
+
+    async def test_renew_keeps_a_long_delivery_leased(self, queue: Queue, clock: FakeClock) -> None:
+        qid = await queue.enqueue(ENVELOPE, message(1))
+        [msg] = await queue.claim(1, 30)
+        for _ in range(4):  # 100 s of delivery on a 30 s lease, renewed every 25 s
+            clock.advance(25)
+            assert await queue.renew(qid, attempt=msg.attempts, lease_seconds=30) is True
+            assert (await self._get(queue, qid)).lease_until == clock.now + 30
+            assert await queue.claim(1, 30) == []
+        clock.advance(30)  # no renewal: the lease runs out
+        [again] = await queue.claim(1, 30)
+        assert again.attempts == 2
+        assert [e.event for e in await queue.history(qid)] == [Event.EXPIRED]
+
+    async def test_held_during_the_attempt_is_still_the_attempts(
+        self, queue: Queue, clock: FakeClock
+    ) -> None:
+        qid = await queue.enqueue(ENVELOPE, message(1))
+        [msg] = await queue.claim(1, 30)
+        await queue.hold(qid)
+        assert await queue.renew(qid, attempt=msg.attempts, lease_seconds=30) is True
+        got = await self._get(queue, qid)
+        assert (got.state, got.lease_until) == (State.HELD, None)  # held: no lease to renew
+        assert await queue.defer(qid, until=clock.now, reason="451", attempt=msg.attempts)
+        assert (await self._get(queue, qid)).state is State.HELD
+
     async def test_defer_keeps_reason_and_counts_attempts(
         self, queue: Queue, clock: FakeClock
     ) -> None:
@@ -220,8 +290,6 @@ class QueueContract:
         assert [m.id for m in await queue.list(State.FAILED)] == [qid]
         with pytest.raises(QueueError, match="already failed"):
             await queue.defer(qid, until=clock.now, reason="x")
-        with pytest.raises(QueueError, match="already failed"):
-            await queue.complete(qid, reply="250")
         await queue.retry(qid)
         [again] = await queue.claim(5, 60)
         assert again.id == qid and again.finished_at is None and again.attempts == 2
@@ -273,6 +341,8 @@ class QueueContract:
             lambda: queue.complete(missing, reply="250"),
             lambda: queue.defer(missing, until=0, reason="x"),
             lambda: queue.fail(missing, reason="x"),
+            lambda: queue.fail(missing, reason="x", attempt=1),
+            lambda: queue.renew(missing, attempt=1, lease_seconds=30),
             lambda: queue.hold(missing),
             lambda: queue.release(missing),
             lambda: queue.retry(missing),
@@ -440,11 +510,11 @@ class QueueContract:
         await queue.complete(qid, reply="250 OK")
         sent = Sent("alice@contoso.test", clock.now, 1)
         # a worker whose lease ran out sent it again: the message is settled, the send counts
-        with pytest.raises(QueueError, match="already delivered"):
-            await queue.complete(qid, reply="250 OK", ledger=[sent])
+        assert await queue.complete(qid, reply="250 OK", ledger=[sent]) is False
+        assert not await queue.defer(qid, until=0, reason="x", ledger=[sent], attempt=1)
         with pytest.raises(QueueError, match="no message"):
             await queue.defer("01JZZZZZZZZZZZZZZZZZZZZZZZ", until=0, reason="x", ledger=[sent])
-        assert (await queue.ledger(0)).sent == (sent, sent)
+        assert (await queue.ledger(0)).sent == (sent, sent, sent)
 
     async def test_ledger_is_shared_and_survives_reopen(
         self, queue_factory: QueueFactory, clock: FakeClock

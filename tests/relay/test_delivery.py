@@ -20,9 +20,10 @@ from smtp365.relay.queue import Event, QueuedMessage, State
 from smtp365.relay.queue.sqlite import SqliteQueue
 from smtp365.relay.ratelimit import Limits, RateLimiter
 from smtp365.relay.scheduler import Scheduler, make_router
-from smtp365.relay.worker import DeliveryPolicy, Worker
+from smtp365.relay.worker import DeliveryPolicy, Result, Worker
 from smtp365.sandbox import Sandbox, SandboxSettings
 from smtp365.sandbox.settings import LimitSettings
+from tests.relay.conftest import FakeClock
 
 ALICE = "alice@contoso.test"
 BOB = "bob@contoso.test"
@@ -99,11 +100,14 @@ async def make_relay(tmp_path: Path) -> AsyncIterator[RelayFactory]:
         max_inflight: int = 8,
         backoff: Backoff | None = None,
         timeout: float = 10,
+        clock: FakeClock | None = None,
+        lease_seconds: float = 30.0,
     ) -> Relay:
+        """A relay on the real clock, or on ``clock`` (then the test moves time)."""
         sb = Sandbox(tmp_path / "sbx", settings)
         await sb.start()
         sandboxes.append(sb)
-        queue = await SqliteQueue.open(tmp_path / "queue")
+        queue = await SqliteQueue.open(tmp_path / "queue", clock=clock or time.time)
         failed: list[tuple[QueuedMessage, str, tuple[str, ...]]] = []
 
         async def on_failed(msg: QueuedMessage, reason: str, rcpts: tuple[str, ...]) -> None:
@@ -112,8 +116,9 @@ async def make_relay(tmp_path: Path) -> AsyncIterator[RelayFactory]:
         worker = Worker(
             queue,
             {"alice": account_for(sb, timeout=timeout)},
-            limiter=RateLimiter(limits or Limits()),
+            limiter=RateLimiter(limits or Limits(), clock=(clock or time).monotonic),
             backoff=backoff or Backoff(base=0.2, cap=0.4, floor=0.1, rng=random.Random(1)),
+            clock=clock,
             policy=policy or DeliveryPolicy(max_budget_wait=10.0),
             on_failed=on_failed,
         )
@@ -122,8 +127,8 @@ async def make_relay(tmp_path: Path) -> AsyncIterator[RelayFactory]:
             worker,
             make_router(default="alice"),
             max_inflight=max_inflight,
-            lease_seconds=30.0,
-            poll_interval=0.05,
+            lease_seconds=lease_seconds,
+            poll_interval=0.05 if clock is None else 1.0,
         )
         scheduler.start()
         relay = Relay(sb, queue, worker, scheduler, failed)
@@ -439,3 +444,50 @@ async def test_upstream_faults_lose_nothing_and_leave_nothing_stuck(
         assert duplicates == 0
         if stage != "data":  # failed before the final dot went out: no duplicate possible
             assert maybe == []
+
+
+async def test_a_delivery_longer_than_its_lease_keeps_it(
+    make_relay: RelayFactory, clock: FakeClock
+) -> None:
+    # One recipient per submission and one submission per 20 s: three recipients take 40 s
+    # of budget waits, more than the 30 s lease. The lease is renewed, so the message is
+    # not handed out again while its delivery runs.
+    relay = await make_relay(
+        limits=Limits(messages_per_window=1, message_window=20.0),
+        policy=DeliveryPolicy(max_recipients_per_message=1, max_budget_wait=25.0),
+        clock=clock,
+        lease_seconds=30.0,
+    )
+    rcpts = ("a@example.net", "b@example.net", "c@example.net")
+    t0 = clock.now
+    qid, mid = await relay.send(1, rcpts=rcpts)
+
+    async def delivered() -> bool:
+        return await _state_is(relay, qid, State.DELIVERED)
+
+    await clock.run(delivered, tasks=2, until=t0 + 100)  # the delivery and the poll
+    assert clock.now >= t0 + 40
+    got = sorted(r for m in relay.sb.store.list() if m.message_id == mid for r in m.rcpt_tos)
+    assert got == list(rcpts)  # each exactly once
+    msg = await relay.queue.get(qid)
+    assert msg is not None and msg.attempts == 1
+    assert [e.event for e in await relay.queue.history(qid)] == [Event.DELIVERED]
+    assert relay.scheduler.results[Result.DELIVERED] == 1
+    assert relay.scheduler.results[Result.LOST] == 0
+
+
+async def test_a_stale_attempt_settles_nothing(make_relay: RelayFactory, clock: FakeClock) -> None:
+    relay = await make_relay(clock=clock)
+    # the scheduler polls and the lease renewals wait for a clock that stands still
+    await relay.until(lambda: _true(clock.sleeping == 2))
+    qid = await relay.queue.enqueue(Envelope(BOB, ("x@example.net",)), message(1, BOB)[1])
+    [stale] = await relay.queue.claim(1, 30)
+    [current] = await relay.queue.claim(1, 30, now=clock.now + 30)  # the lease ran out
+    # the stale attempt is refused upstream (SendAs): its failure is not recorded
+    assert await relay.worker.deliver(stale, "alice") is Result.LOST
+    msg = await relay.queue.get(qid)
+    assert msg is not None and (msg.state, msg.attempts) == (State.ACTIVE, 2)
+    assert [e.event for e in await relay.queue.history(qid)] == [Event.EXPIRED]
+    assert await relay.worker.deliver(current, "alice") is Result.FAILED
+    history = await relay.queue.history(qid)
+    assert [e.attempt for e in history if e.event is Event.FAILED] == [2]

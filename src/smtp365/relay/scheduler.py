@@ -5,6 +5,13 @@ account (the account chosen at intake, else the ``router``), and runs a bounded 
 deliveries at once through the shared :class:`~smtp365.relay.worker.Worker`, which waits for
 the mailbox's budget before every submission: the relay never sends when the budget says no.
 
+Leases: a claim leases a message for ``lease_seconds`` and hands out its attempt number,
+the lease token the worker reports its outcome with. A delivery can run longer than a lease
+(it waits for the budget of each recipient chunk, and sends the content once per chunk), so
+every ``lease_seconds / 3`` the scheduler renews the leases of the deliveries that have run
+that long, all in one queue transaction; short deliveries cost nothing extra. A lease that
+is lost all the same (the relay stalled) only makes the queue ignore that attempt's report.
+
 ``stop(grace)``: no new claims; deliveries still waiting for a budget give up at once and
 defer (their lease is released cleanly); deliveries already talking to the upstream finish
 within ``grace`` seconds. Anything still running after that is cancelled and keeps its lease,
@@ -81,6 +88,8 @@ class Scheduler:
         self.clock: Clock = clock or worker.clock
         self.results: dict[Result, int] = dict.fromkeys(Result, 0)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._leases: dict[tuple[str, int], float] = {}  # (id, attempt) in flight -> lease end
+        self._renewer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
@@ -115,11 +124,18 @@ class Scheduler:
             if pending:
                 log.warning("%d deliveries cancelled after the grace period", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
         await self.worker.close()
 
     # -- the loop -------------------------------------------------------------
 
     async def run(self) -> None:
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_leases(), name="smtp365-relay-leases")
         while not self._stopping:
             free = self.max_inflight - len(self._tasks)
             if free <= 0:
@@ -132,6 +148,10 @@ class Scheduler:
                 log.exception("claiming from the queue failed")
                 claimed = []
             for msg in claimed:
+                lease_until = msg.lease_until
+                if lease_until is None:  # pragma: no cover - a claim always sets one
+                    lease_until = self.clock.time() + self.lease_seconds
+                self._leases[msg.id, msg.attempts] = lease_until
                 task = asyncio.create_task(self._handle(msg), name=f"deliver-{msg.id}")
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
@@ -141,6 +161,33 @@ class Scheduler:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._wake.set()
+
+    async def _renew_leases(self) -> None:
+        """Every third of a lease: renew those with no more than two thirds left."""
+        period = self.lease_seconds / 3
+        while True:
+            await self.clock.sleep(period)
+            now = self.clock.time()
+            due = [key for key, until in self._leases.items() if until - now <= 2 * period]
+            if not due:
+                continue
+            outcomes = await asyncio.gather(
+                *(
+                    self.queue.renew(qid, attempt=attempt, lease_seconds=self.lease_seconds)
+                    for qid, attempt in due
+                ),
+                return_exceptions=True,
+            )
+            for key, outcome in zip(due, outcomes, strict=True):
+                if outcome is True:
+                    if key in self._leases:
+                        self._leases[key] = now + self.lease_seconds
+                elif isinstance(outcome, BaseException):
+                    if isinstance(outcome, asyncio.CancelledError):
+                        raise outcome
+                    log.warning("renewing the lease of %s failed: %s", key[0], outcome)
+                else:
+                    log.warning("%s: attempt %d lost its lease before it was renewed", *key)
 
     async def _idle(self, timeout: float) -> None:
         waiters: set[asyncio.Future[object]] = {
@@ -155,6 +202,12 @@ class Scheduler:
             await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _handle(self, msg: QueuedMessage) -> None:
+        try:
+            await self._attempt(msg)
+        finally:
+            self._leases.pop((msg.id, msg.attempts), None)
+
+    async def _attempt(self, msg: QueuedMessage) -> None:
         account = msg.account or self.router(msg)
         try:
             if account is None or account not in self.worker.accounts:
@@ -166,11 +219,13 @@ class Scheduler:
                     msg.attempts, now=self.clock.time(), received_at=msg.received_at
                 )
                 if until is None:
-                    await self.queue.fail(msg.id, reason=reason)
-                    self.results[Result.FAILED] += 1
+                    done = await self.queue.fail(msg.id, reason=reason, attempt=msg.attempts)
+                    self.results[Result.FAILED if done else Result.LOST] += 1
                 else:
-                    await self.queue.defer(msg.id, until=until, reason=reason)
-                    self.results[Result.DEFERRED] += 1
+                    done = await self.queue.defer(
+                        msg.id, until=until, reason=reason, attempt=msg.attempts
+                    )
+                    self.results[Result.DEFERRED if done else Result.LOST] += 1
                 return
             result = await self.worker.deliver(msg, account)
             self.results[result] += 1

@@ -23,6 +23,11 @@ attempt, so a retry after a partial delivery does not send to them again.
 Every submission the budget counts and every pause goes into the queue's sending ledger with
 the queue change that ends the attempt (``ledger=``, same transaction), so that a restarted
 relay starts from the budgets as they were.
+
+Every outcome but ``complete`` is reported with the attempt the claim handed out (the lease
+token): if the lease was lost meanwhile (the scheduler renews it, so only a stalled relay or
+another process loses one), the queue ignores the report and the delivery ends as
+``Result.LOST``; the attempt that has the message settles it.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ class Result(StrEnum):
     DELIVERED = "delivered"
     DEFERRED = "deferred"
     FAILED = "failed"
+    LOST = "lost"  # the lease was lost: another attempt settles the message
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +154,6 @@ def _chunks(items: Sequence[str], size: int) -> list[tuple[str, ...]]:
 
 def _reply_text(reply: Reply) -> str:
     return f"{reply.code} {reply.enhanced} {reply.text}".replace("  ", " ").strip()
-
-
-class _Outcome(Exception):
-    """Internal: ends a delivery with a decided result."""
-
-    def __init__(self, result: Result) -> None:
-        self.result = result
 
 
 class Worker:
@@ -282,17 +281,10 @@ class Worker:
     async def deliver(self, msg: QueuedMessage, account_name: str) -> Result:
         """Deliver one claimed message and settle it in the queue; never raises for
         delivery problems (only for queue errors and cancellation)."""
-        try:
-            return await self._deliver(msg, account_name)
-        except _Outcome as outcome:
-            return outcome.result
-
-    async def _deliver(self, msg: QueuedMessage, account_name: str) -> Result:
         account = self.accounts[account_name]
         mailbox = self.mailbox_of(account)
         if self.backoff.expired(msg.received_at, self.clock.time()):
-            await self._fail(msg, f"expired in the queue: {msg.last_reason or 'no reason'}")
-            return Result.FAILED
+            return await self._fail(msg, f"expired in the queue: {msg.last_reason or 'no reason'}")
         done = self._done.setdefault(msg.id, set())
         remaining = [r for r in msg.recipients if r not in done]
         content: bytes | None = None  # read once a budget is granted, not while waiting
@@ -305,8 +297,7 @@ class Worker:
         for chunk in _chunks(remaining, size):
             grant = await self.acquire(mailbox, len(chunk))
             if grant is None:
-                await self._defer_for_budget(msg, mailbox, len(chunk))
-                return Result.DEFERRED
+                return await self._defer_for_budget(msg, mailbox, len(chunk))
             if content is None:
                 try:
                     content = await self.queue.read(msg.id)
@@ -335,16 +326,14 @@ class Worker:
                 return await self._rejected(msg, mailbox, exc, action, grant)
             except MessageError as exc:
                 self._counted(msg.id, grant)
-                await self._fail(msg, str(exc.what))
-                return Result.FAILED
+                return await self._fail(msg, str(exc.what))
             except Smtp365Error as exc:  # network, TLS, token, config: not the message's fault
                 counted = False
                 keep = False
                 why = f"{type(exc).__name__}: {exc.what}"
                 if getattr(exc, "possibly_delivered", False):  # lost between the dot and 250
                     why += "; may have been delivered; the retry can duplicate it"
-                await self._defer(msg, why)
-                return Result.DEFERRED
+                return await self._defer(msg, why)
             else:
                 self._counted(msg.id, grant)
             finally:
@@ -362,18 +351,18 @@ class Worker:
         permanent = {r: rep for r, rep in refused.items() if r not in temporary}
         if temporary:
             first = next(iter(temporary.values()))
-            await self._defer(msg, f"recipients deferred: {_reply_text(first)}")
-            return Result.DEFERRED
+            return await self._defer(msg, f"recipients deferred: {_reply_text(first)}")
         done = self._done.pop(msg.id, set())
         if permanent and not done:
             first = next(iter(permanent.values()))
-            await self._fail(msg, f"all recipients refused: {_reply_text(first)}")
-            return Result.FAILED
+            return await self._fail(msg, f"all recipients refused: {_reply_text(first)}")
         reply = replies_seen[-1] if replies_seen else "250 nothing left to send"
         if permanent:
             reason = "; ".join(f"<{r}>: {_reply_text(rep)}" for r, rep in permanent.items())
             reply = f"{reply} (refused: {reason})"
-        await self.queue.complete(msg.id, reply=reply, ledger=self._ledger_of(msg.id))
+        if not await self.queue.complete(msg.id, reply=reply, ledger=self._ledger_of(msg.id)):
+            log.warning("delivered %s again (a duplicate: it was delivered already)", msg.id)
+            return Result.DELIVERED
         log.info("delivered %s to %d recipient(s): %s", msg.id, len(done), reply)
         if permanent and self.on_failed is not None:
             await self.on_failed(msg, "recipient refused", tuple(permanent))
@@ -396,13 +385,12 @@ class Worker:
         reply = f"{exc.code} {exc.enhanced} {exc.text}".replace("  ", " ").strip()
         now = self.clock.monotonic()
         if action is Action.FIX or not exc.temporary:
-            await self._fail(msg, f"{exc.stage} rejected: {reply}")
-            return Result.FAILED
+            return await self._fail(msg, f"{exc.stage} rejected: {reply}")
         if action is Action.FEWER_CONNECTIONS:
             allowed = self.limiter.fewer_connections(mailbox)
             log.warning("%s: 432 from upstream, now %d connection(s): %s", mailbox, allowed, reply)
-            await self._defer(msg, reply, delay=self.policy.fewer_connections_retry)
-        elif action is Action.PAUSE_MAILBOX:
+            return await self._defer(msg, reply, delay=self.policy.fewer_connections_retry)
+        if action is Action.PAUSE_MAILBOX:
             # Settle our share first so the window's own answer includes this send.
             self.limiter.settle(grant)
             # Until the window frees: by our own count if it explains the refusal, else (the
@@ -416,8 +404,8 @@ class Worker:
             self.limiter.pause(mailbox, until, reply)
             self._note(msg.id, Pause(mailbox, self._wall(until), reply))
             log.warning("%s: quota reached, paused for %.0f s: %s", mailbox, until - now, reply)
-            await self._defer(msg, reply, delay=until - now)
-        elif action is Action.PAUSE_LONG:
+            return await self._defer(msg, reply, delay=until - now)
+        if action is Action.PAUSE_LONG:
             until = now + self.policy.pause_long
             self.limiter.pause(mailbox, until, reply)
             self._note(msg.id, Pause(mailbox, self._wall(until), reply))
@@ -427,12 +415,10 @@ class Worker:
                 self.policy.pause_long,
                 reply,
             )
-            await self._defer(msg, reply, delay=self.policy.pause_long)
-        else:
-            await self._defer(msg, reply)
-        return Result.DEFERRED
+            return await self._defer(msg, reply, delay=self.policy.pause_long)
+        return await self._defer(msg, reply)
 
-    async def _defer_for_budget(self, msg: QueuedMessage, mailbox: str, recipients: int) -> None:
+    async def _defer_for_budget(self, msg: QueuedMessage, mailbox: str, recipients: int) -> Result:
         ready = self.limiter.earliest(mailbox, recipients)
         now = self.clock.monotonic()
         delay = (ready - now) if ready < math.inf else 1.0
@@ -444,34 +430,50 @@ class Worker:
             reason = "relay stopping"
         # Budget waits are not failed attempts: they never expire a message on their own.
         until = self.clock.time() + max(0.0, delay)
-        await self.queue.defer(
-            msg.id,
-            until=until,
-            reason=reason,
-            recipients=self._left(msg),
-            ledger=self._ledger_of(msg.id),
-        )
+        if not await self._put_back(msg, until, reason):
+            return Result.LOST
         if self._stopping:
             log.info("%s back in the queue: the relay is stopping", msg.id)
         else:
             log.info("deferred %s until budget frees (%.1f s): %s", msg.id, delay, reason)
+        return Result.DEFERRED
 
-    async def _defer(self, msg: QueuedMessage, reason: str, *, delay: float | None = None) -> None:
+    async def _defer(
+        self, msg: QueuedMessage, reason: str, *, delay: float | None = None
+    ) -> Result:
         now = self.clock.time()
         until = self.backoff.next_attempt(
             msg.attempts, now=now, received_at=msg.received_at, delay=delay
         )
         if until is None:
-            await self._fail(msg, f"expired in the queue; last error: {reason}")
-            raise _Outcome(Result.FAILED)
-        await self.queue.defer(
+            return await self._fail(msg, f"expired in the queue; last error: {reason}")
+        if not await self._put_back(msg, until, reason):
+            return Result.LOST
+        log.info("deferred %s for %.1f s: %s", msg.id, until - now, reason)
+        return Result.DEFERRED
+
+    async def _put_back(self, msg: QueuedMessage, until: float, reason: str) -> bool:
+        if await self.queue.defer(
             msg.id,
             until=until,
             reason=reason,
             recipients=self._left(msg),
             ledger=self._ledger_of(msg.id),
+            attempt=msg.attempts,
+        ):
+            return True
+        self._lost(msg, f"deferred: {reason}")
+        return False
+
+    @staticmethod
+    def _lost(msg: QueuedMessage, outcome: str) -> None:
+        log.warning(
+            "%s: attempt %d lost its lease (the message was claimed again or settled);"
+            " its outcome is not recorded: %s",
+            msg.id,
+            msg.attempts,
+            outcome,
         )
-        log.info("deferred %s for %.1f s: %s", msg.id, until - now, reason)
 
     def _left(self, msg: QueuedMessage) -> list[str] | None:
         """The recipients still to do when this attempt got some through (the queue keeps
@@ -481,16 +483,21 @@ class Worker:
             return None
         return [r for r in msg.recipients if r not in done] or None
 
-    async def _fail(self, msg: QueuedMessage, reason: str) -> None:
+    async def _fail(self, msg: QueuedMessage, reason: str) -> Result:
         done = self._done.pop(msg.id, set())
         failed = tuple(r for r in msg.recipients if r not in done)
-        await self.queue.fail(msg.id, reason=reason, ledger=self._ledger_of(msg.id))
+        if not await self.queue.fail(
+            msg.id, reason=reason, ledger=self._ledger_of(msg.id), attempt=msg.attempts
+        ):
+            self._lost(msg, f"failed: {reason}")
+            return Result.LOST
         log.warning("failed %s: %s", msg.id, reason)
         if self.on_failed is not None:
             try:
                 await self.on_failed(msg, reason, failed)
             except Exception:
                 log.exception("on_failed hook raised for %s", msg.id)
+        return Result.FAILED
 
 
 def _temporary(reply: Reply) -> bool:

@@ -14,9 +14,19 @@ Rules every backend keeps (checked by ``tests/relay/queue_contract.py``):
   directory entry or database commit fsync'd). A crash at any instant leaves either no
   trace of a message or a complete one.
 * ``claim`` hands each due message to one claimer only, with a lease; a lease that runs out
-  (its worker died) makes the message claimable again. Every claim counts as an attempt.
-* ``complete`` wins over anything else a stale worker does: delivery is at-least-once, and
-  a message the upstream accepted is marked delivered whatever state it is in.
+  (its worker died or hung) makes the message claimable again. Every claim counts as an
+  attempt, and the attempt number it hands out (:attr:`QueuedMessage.attempts`) is the
+  lease token.
+* ``defer``, ``fail`` and ``renew`` given the ``attempt`` a worker holds apply only while
+  that is still the message's current attempt and the message is neither delivered nor
+  failed. Otherwise the worker lost its lease (the message was claimed again, or settled by
+  the attempt that has it): nothing changes and they return ``False``, so a stale worker can
+  neither fail nor re-defer a message another attempt is delivering. Without ``attempt``
+  (the operator's tools) they apply to any message that is not delivered or failed.
+* ``complete`` wins over anything else, stale or not: delivery is at-least-once, and a
+  message the upstream accepted is marked delivered whatever state it is in, failed
+  included. Only an already delivered message stays as it is (``complete`` returns
+  ``False``: the second delivery was a duplicate).
 * Delivered and failed messages stay as the delivery log (with an event history per
   message) until ``purge_log``. Delivered content is dropped at once; failed content is
   kept (for ``retry`` and the delivery status notification) until ``purge_log``.
@@ -25,7 +35,7 @@ Rules every backend keeps (checked by ``tests/relay/queue_contract.py``):
   imposed (:class:`Pause`), so a restarted relay (or, with a shared backend, another node)
   counts what was sent before. ``complete``, ``defer`` and ``fail`` take the entries of
   their attempt (``ledger=``) and write them in the same transaction, at no extra cost;
-  they are recorded even when the change itself is refused (the sends happened).
+  they are recorded even when the change itself is refused or ignored (the sends happened).
   ``record`` writes entries on their own; ``ledger`` reads them back; ``purge_log`` prunes
   them.
 
@@ -209,8 +219,9 @@ class Queue(Protocol):
 
     async def complete(
         self, queue_id: str, *, reply: str, ledger: Sequence[LedgerEntry] = ()
-    ) -> None:
-        """The upstream accepted it: delivered, with ``reply`` kept in the log.
+    ) -> bool:
+        """The upstream accepted it: delivered, with ``reply`` kept in the log, whatever
+        state the message is in; ``False`` (nothing changed) if it was already delivered.
 
         ``ledger``: the attempt's sends and pauses (see the module's rules), also for
         :meth:`defer` and :meth:`fail`."""
@@ -224,16 +235,33 @@ class Queue(Protocol):
         reason: str,
         recipients: Sequence[str] | None = None,
         ledger: Sequence[LedgerEntry] = (),
-    ) -> None:
+        attempt: int | None = None,
+    ) -> bool:
         """A temporary failure: try again at ``until``. A held message stays held.
 
         ``recipients``: those still to be sent to, when the attempt got some of them
         through (a non-empty subset of the message's recipients); the others are done and
-        are not sent to again, even after a restart."""
+        are not sent to again, even after a restart.
+
+        ``attempt``: the lease token from :meth:`claim`; ``False`` (nothing changed) when it
+        is no longer the message's current attempt, or the message was settled meanwhile."""
         ...
 
-    async def fail(self, queue_id: str, *, reason: str, ledger: Sequence[LedgerEntry] = ()) -> None:
-        """A permanent failure: kept as failed (with its content) until purged."""
+    async def fail(
+        self,
+        queue_id: str,
+        *,
+        reason: str,
+        ledger: Sequence[LedgerEntry] = (),
+        attempt: int | None = None,
+    ) -> bool:
+        """A permanent failure: kept as failed (with its content) until purged. ``attempt``
+        as for :meth:`defer`."""
+        ...
+
+    async def renew(self, queue_id: str, *, attempt: int, lease_seconds: float) -> bool:
+        """Extend the lease of a delivery still running to ``lease_seconds`` from now;
+        ``False`` when ``attempt`` is no longer the current one (as for :meth:`defer`)."""
         ...
 
     async def hold(self, queue_id: str) -> None: ...

@@ -869,15 +869,14 @@ class SqliteQueue:
 
     async def complete(
         self, queue_id: str, *, reply: str, ledger: Sequence[LedgerEntry] = ()
-    ) -> None:
+    ) -> bool:
         with self._call():
             now = self._clock()
 
-            def run(conn: sqlite3.Connection) -> tuple[None, list[Path]]:
+            def run(conn: sqlite3.Connection) -> tuple[bool, list[Path]]:
                 row = self._row(conn, queue_id)
-                state = State(row["state"])
-                if state.terminal:
-                    raise _refuse(queue_id, f"already {state}")
+                if row["state"] == State.DELIVERED:
+                    return False, []
                 conn.execute(
                     "UPDATE messages SET state = 'delivered', finished_at = ?, last_reason = ?,"
                     " lease_until = NULL, body = NULL WHERE id = ?",
@@ -893,9 +892,16 @@ class SqliteQueue:
                     reply,
                     self._duration(row, now),
                 )
-                return None, [self._spool_path(queue_id)] if row["body"] == "spool" else []
+                return True, [self._spool_path(queue_id)] if row["body"] == "spool" else []
 
-            await self._write(run, durable=False, ledger=ledger)
+            return await self._write(run, durable=False, ledger=ledger)
+
+    @staticmethod
+    def _current(row: sqlite3.Row, attempt: int | None) -> bool:
+        """``attempt`` (a lease token; ``None``: the operator) may settle the message."""
+        if attempt is None:
+            return True
+        return row["attempts"] == attempt and not State(row["state"]).terminal
 
     @staticmethod
     def _duration(row: sqlite3.Row, now: float) -> float | None:
@@ -910,13 +916,16 @@ class SqliteQueue:
         reason: str,
         recipients: Sequence[str] | None = None,
         ledger: Sequence[LedgerEntry] = (),
-    ) -> None:
+        attempt: int | None = None,
+    ) -> bool:
         with self._call():
             now = self._clock()
             left = list(recipients) if recipients is not None else None
 
-            def run(conn: sqlite3.Connection) -> tuple[None, list[Path]]:
+            def run(conn: sqlite3.Connection) -> tuple[bool, list[Path]]:
                 row = self._row(conn, queue_id)
+                if not self._current(row, attempt):
+                    return False, []
                 state = State(row["state"])
                 if state.terminal:
                     raise _refuse(queue_id, f"already {state}")
@@ -946,16 +955,25 @@ class SqliteQueue:
                     reason,
                     self._duration(row, now),
                 )
-                return None, []
+                return True, []
 
-            await self._write(run, durable=False, ledger=ledger)
+            return await self._write(run, durable=False, ledger=ledger)
 
-    async def fail(self, queue_id: str, *, reason: str, ledger: Sequence[LedgerEntry] = ()) -> None:
+    async def fail(
+        self,
+        queue_id: str,
+        *,
+        reason: str,
+        ledger: Sequence[LedgerEntry] = (),
+        attempt: int | None = None,
+    ) -> bool:
         with self._call():
             now = self._clock()
 
-            def run(conn: sqlite3.Connection) -> tuple[None, list[Path]]:
+            def run(conn: sqlite3.Connection) -> tuple[bool, list[Path]]:
                 row = self._row(conn, queue_id)
+                if not self._current(row, attempt):
+                    return False, []
                 state = State(row["state"])
                 if state.terminal:
                     raise _refuse(queue_id, f"already {state}")
@@ -973,9 +991,26 @@ class SqliteQueue:
                     reason,
                     self._duration(row, now),
                 )
-                return None, []
+                return True, []
 
-            await self._write(run, ledger=ledger)
+            return await self._write(run, ledger=ledger)
+
+    async def renew(self, queue_id: str, *, attempt: int, lease_seconds: float) -> bool:
+        with self._call():
+            until = self._clock() + lease_seconds
+
+            def run(conn: sqlite3.Connection) -> tuple[bool, list[Path]]:
+                renewed = conn.execute(
+                    "UPDATE messages SET lease_until = ?"
+                    " WHERE id = ? AND attempts = ? AND state = 'active'",
+                    (until, queue_id, attempt),
+                ).rowcount
+                if renewed:
+                    return True, []
+                # Held (or held and released) during the attempt: no lease, still current.
+                return self._current(self._row(conn, queue_id), attempt), []
+
+            return await self._write(run, durable=False)
 
     # ------------------------------------------------------------------ operator
 
