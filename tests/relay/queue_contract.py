@@ -15,7 +15,7 @@ import pytest
 
 from smtp365.errors import QueueError
 from smtp365.models import Envelope
-from smtp365.relay.queue import Event, Ledger, Pause, Queue, QueuedMessage, Sent, State
+from smtp365.relay.queue import Bounce, Event, Ledger, Pause, Queue, QueuedMessage, Sent, State
 from smtp365.relay.queue.sqlite import SqliteQueue
 from tests.relay.conftest import FakeClock
 
@@ -253,6 +253,73 @@ class QueueContract:
         assert (got.state, got.lease_until) == (State.HELD, None)  # held: no lease to renew
         assert await queue.defer(qid, until=clock.now, reason="451", attempt=msg.attempts)
         assert (await self._get(queue, qid)).state is State.HELD
+
+    # ------------------------------------------------------------------ bounces
+
+    def _bounce(self, queue: Queue, content: bytes, queue_id: str | None = None) -> Bounce:
+        return Bounce(
+            queue_id=queue_id or queue.new_id(),
+            envelope=Envelope("", (ENVELOPE.sender,)),
+            content=content,
+            message_id="<dsn-1@relay.test>",
+            account="postmaster",
+        )
+
+    @pytest.mark.parametrize("content", [message(7), LARGE], ids=["small", "large"])
+    async def test_fail_queues_its_bounce_with_it(
+        self, queue: Queue, clock: FakeClock, content: bytes
+    ) -> None:
+        qid = await queue.enqueue(ENVELOPE, message(1))
+        [msg] = await queue.claim(1, 60)
+        bounce = self._bounce(queue, content)
+        assert await queue.fail(qid, reason="550 5.1.1", attempt=msg.attempts, bounce=bounce)
+        assert (await self._get(queue, qid)).state is State.FAILED
+        report = await self._get(queue, bounce.queue_id)
+        assert (report.state, report.sender, report.recipients) == (
+            State.QUEUED,
+            "",
+            (ENVELOPE.sender,),
+        )
+        assert (report.account, report.client, report.message_id) == (
+            "postmaster",
+            "bounce",
+            "<dsn-1@relay.test>",
+        )
+        assert await queue.read(bounce.queue_id) == content
+        assert [m.id for m in await queue.claim(5, 60)] == [bounce.queue_id]
+
+    async def test_a_bounce_that_cannot_be_stored_undoes_the_failure(
+        self, queue: Queue, clock: FakeClock
+    ) -> None:
+        qid = await queue.enqueue(ENVELOPE, message(1))
+        other = await queue.enqueue(ENVELOPE, LARGE)
+        [msg, _] = await queue.claim(2, 60)
+        taken = self._bounce(queue, LARGE[::-1], queue_id=other)  # its insert fails
+        with pytest.raises(QueueError):
+            await queue.fail(qid, reason="550 5.1.1", attempt=msg.attempts, bounce=taken)
+        got = await self._get(queue, qid)
+        assert (got.state, got.attempts) == (State.ACTIVE, msg.attempts)
+        assert await queue.history(qid) == []
+        assert await queue.read(other) == LARGE  # the message with that id is untouched
+        # an ignored outcome queues no report either
+        stale = self._bounce(queue, LARGE)
+        assert not await queue.fail(qid, reason="550", attempt=msg.attempts + 1, bounce=stale)
+        assert await queue.get(stale.queue_id) is None
+        assert await queue.fail(qid, reason="550 5.1.1", attempt=msg.attempts)
+        assert (await self._get(queue, qid)).state is State.FAILED
+
+    async def test_complete_queues_a_bounce_for_the_refused(
+        self, queue: Queue, clock: FakeClock
+    ) -> None:
+        qid = await queue.enqueue(ENVELOPE, message(1))
+        await queue.claim(1, 60)
+        bounce = self._bounce(queue, message(2))
+        assert await queue.complete(qid, reply="250 OK (refused: ...)", bounce=bounce)
+        assert (await self._get(queue, qid)).state is State.DELIVERED
+        assert (await self._get(queue, bounce.queue_id)).state is State.QUEUED
+        again = self._bounce(queue, message(3))  # a duplicate delivery: no second report
+        assert await queue.complete(qid, reply="250 OK", bounce=again) is False
+        assert await queue.get(again.queue_id) is None
 
     async def test_defer_keeps_reason_and_counts_attempts(
         self, queue: Queue, clock: FakeClock

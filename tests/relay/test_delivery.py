@@ -491,3 +491,19 @@ async def test_a_stale_attempt_settles_nothing(make_relay: RelayFactory, clock: 
     assert await relay.worker.deliver(current, "alice") is Result.FAILED
     history = await relay.queue.history(qid)
     assert [e.attempt for e in history if e.event is Event.FAILED] == [2]
+
+
+async def test_a_report_that_cannot_be_made_does_not_stop_the_failure(
+    make_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = await make_relay()
+
+    async def broken(msg: QueuedMessage, reason: str, rcpts: tuple[str, ...]) -> None:
+        raise RuntimeError("no report today")
+
+    relay.worker.on_failed = broken
+    qid, _ = await relay.send(1, sender=BOB)  # SendAs denied: a permanent failure
+    await relay.settled()
+    assert await _state_is(relay, qid, State.FAILED)
+    assert f"no bounce for {qid}: the report could not be made" in caplog.messages
+    assert len(await relay.queue.list()) == 1

@@ -315,9 +315,8 @@ async def test_bounce_goes_to_the_sender_with_a_null_sender(
     queue: SqliteQueue, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     msg = await failed_message(queue)
-    hook: FailedHook = bouncer(queue, clock)
     with caplog.at_level(logging.INFO, logger="smtp365.relay.dsn"):
-        await hook(msg, PERMS, (BOB,))
+        await bouncer(queue, clock).bounce(msg, PERMS, (BOB,))
     [bounce] = await bounces(queue)
     assert bounce.sender == "" and bounce.recipients == (ALICE,)
     assert bounce.account == "postmaster"
@@ -387,14 +386,21 @@ async def test_large_original_gives_a_small_report(queue: SqliteQueue, clock: Fa
     assert "Subject: Quarterly report" in headers.get_content()
 
 
-async def test_a_lost_bounce_is_logged_not_raised(
-    queue: SqliteQueue, clock: FakeClock, caplog: pytest.LogCaptureFixture
+async def test_the_hook_makes_the_report_for_the_worker_to_queue(
+    queue: SqliteQueue, clock: FakeClock
 ) -> None:
-    msg = await failed_message(queue)
-    await queue.close()
-    with caplog.at_level(logging.ERROR, logger="smtp365.relay.dsn"):
-        await bouncer(queue, clock)(msg, PERMS, (BOB,))
-    assert f"bounce for {msg.id} lost" in caplog.messages
+    qid = await queue.enqueue(Envelope(ALICE, (BOB,)), original(), message_id=MID)
+    [msg] = await queue.claim(1, 30.0)
+    hook: FailedHook = bouncer(queue, clock)
+    report = await hook(msg, PERMS, (BOB,))
+    assert report is not None and await bounces(queue) == []  # made, not queued
+    assert (report.envelope.sender, report.envelope.recipients) == ("", (ALICE,))
+    assert (report.account, report.client) == ("postmaster", "bounce")
+    assert parse(report.content)["Message-ID"] == report.message_id
+    assert await queue.fail(qid, reason=PERMS, attempt=msg.attempts, bounce=report)
+    [queued_report] = await bounces(queue)
+    assert queued_report.id == report.queue_id
+    assert blocks(parse(await queue.read(report.queue_id)))[1]["Status"] == "5.7.60"
 
 
 async def test_unusable_sender_is_not_bounced(queue: SqliteQueue, clock: FakeClock) -> None:

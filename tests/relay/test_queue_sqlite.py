@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from smtp365.errors import QueueError
-from smtp365.relay.queue import Event, Ledger, Pause, Sent, State
+from smtp365.models import Envelope
+from smtp365.relay.queue import Bounce, Event, Ledger, Pause, Sent, State
 from smtp365.relay.queue.ids import IdGenerator, is_queue_id
 from smtp365.relay.queue.sqlite import SqliteQueue
 from tests.relay.conftest import FakeClock
@@ -98,6 +99,24 @@ async def test_recovery_removes_orphans_and_keeps_messages(root: Path, clock: Fa
         assert {m.id for m in await queue.claim(5, 60)} == {small, large}
     finally:
         await queue.close()
+
+
+async def test_a_large_bounce_not_queued_leaves_no_spool_file(queue: SqliteQueue) -> None:
+    qid = await queue.enqueue(ENVELOPE, SMALL)
+    [msg] = await queue.claim(1, 60)
+
+    def bounce() -> Bounce:
+        return Bounce(queue.new_id(), Envelope("", (ENVELOPE.sender,)), LARGE)
+
+    assert not await queue.fail(qid, reason="550", attempt=msg.attempts + 1, bounce=bounce())
+    assert spool_files(queue) == set()
+    with pytest.raises(QueueError, match="UNIQUE"):  # an id in use: the spool file goes
+        await queue.enqueue(ENVELOPE, LARGE, queue_id=qid)
+    assert spool_files(queue) == set()
+    spooled = bounce()
+    assert await queue.fail(qid, reason="550", attempt=msg.attempts, bounce=spooled)
+    assert spool_files(queue) == {spooled.queue_id}
+    assert os.listdir(queue.incoming_dir) == []
 
 
 async def test_recovery_reports_lost_content(root: Path, clock: FakeClock) -> None:

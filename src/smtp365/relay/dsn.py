@@ -1,7 +1,9 @@
 """Delivery status notifications (Postfix's ``bounce``): telling a sender their mail failed.
 
-When the worker fails a message for good, its ``on_failed`` hook (a :class:`Bouncer`) queues
-an RFC 3464 report to the envelope sender, a ``multipart/report; report-type=delivery-status``
+When the worker fails a message for good, its ``on_failed`` hook (a :class:`Bouncer`) builds
+an RFC 3464 report to the envelope sender, which the worker queues in the same transaction
+as the failure (:class:`~smtp365.relay.queue.Bounce`): a crash cannot record the failure
+and lose the report. The report is a ``multipart/report; report-type=delivery-status``
 (RFC 6522) with three parts: a text explanation, the ``message/delivery-status`` (one block
 per failed recipient) and the original header section as ``text/rfc822-headers`` (never the
 body, at most :data:`HEADERS_CAP` bytes; left out when the content is gone).
@@ -42,7 +44,7 @@ from pathlib import Path
 from smtp365 import replies
 from smtp365.errors import QueueError
 from smtp365.models import Envelope, Reply
-from smtp365.relay.queue import Queue, QueuedMessage, State
+from smtp365.relay.queue import Bounce, Queue, QueuedMessage, State
 
 __all__ = ["HEADERS_CAP", "Bouncer", "build_dsn", "diagnostic_of", "new_message_id", "status_of"]
 
@@ -356,7 +358,8 @@ def _read_head(path: Path) -> bytes:
 
 
 class Bouncer:
-    """The worker's ``on_failed`` hook: queues a report to the sender of a failed message."""
+    """The worker's ``on_failed`` hook: the report to the sender of a failed message, for
+    the worker to queue with the failure."""
 
     def __init__(
         self,
@@ -374,14 +377,31 @@ class Bouncer:
         self.clock = clock
         self.last_id: str | None = None  # queue id of the last report queued
 
-    async def __call__(self, msg: QueuedMessage, reason: str, failed: tuple[str, ...]) -> None:
-        try:
-            await self.bounce(msg, reason, failed)
-        except Exception:
-            log.exception("bounce for %s lost", msg.id)
+    async def __call__(
+        self, msg: QueuedMessage, reason: str, failed: tuple[str, ...]
+    ) -> Bounce | None:
+        return await self.build(msg, reason, failed)
 
     async def bounce(self, msg: QueuedMessage, reason: str, failed: Sequence[str]) -> str | None:
-        """Queue the report and return its queue id; ``None`` when none is due."""
+        """Build the report and queue it on its own; its queue id, ``None`` when none is
+        due. (The worker queues it with the failure instead.)"""
+        report = await self.build(msg, reason, failed)
+        if report is None:
+            return None
+        new_id = await self.queue.enqueue(
+            report.envelope,
+            report.content,
+            message_id=report.message_id,
+            account=report.account,
+            client=report.client,
+            queue_id=report.queue_id,
+        )
+        self.last_id = new_id
+        log.info("bounce %s for %s to %s", new_id, msg.id, _clean(msg.sender))
+        return new_id
+
+    async def build(self, msg: QueuedMessage, reason: str, failed: Sequence[str]) -> Bounce | None:
+        """The report on ``failed`` recipients of ``msg``; ``None`` when none is due."""
         if msg.sender == "":
             log.info("no bounce for %s: null sender", msg.id)
             return None
@@ -405,16 +425,14 @@ class Bouncer:
             now=now,
             message_id=mid,
         )
-        new_id = await self.queue.enqueue(
-            Envelope(sender="", recipients=(msg.sender,)),
-            content,
+        return Bounce(
+            queue_id=self.queue.new_id(),
+            envelope=Envelope(sender="", recipients=(msg.sender,)),
+            content=content,
             message_id=mid,
             account=self.account,
             client="bounce",
         )
-        self.last_id = new_id
-        log.info("bounce %s for %s to %s", new_id, msg.id, _clean(msg.sender))
-        return new_id
 
     async def _detailed(self, msg: QueuedMessage, reason: str) -> str:
         """A reason without a reply (``recipient refused`` after a partial delivery) gets the

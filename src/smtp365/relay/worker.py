@@ -13,8 +13,8 @@ accepted                           ``complete`` with the upstream reply
 ``Action.FEWER_CONNECTIONS``       that connection closed, mailbox allowance lowered, short defer
 ``Action.PAUSE_MAILBOX``           mailbox paused until its window frees, ``defer`` to then
 ``Action.PAUSE_LONG``              mailbox paused ``pause_long``, alert logged, ``defer``
-``Action.FIX`` (permanent)         ``fail`` with the reason, ``on_failed`` hook (DSN)
-older than the maximum lifetime    ``fail`` (expired), ``on_failed`` hook
+``Action.FIX`` (permanent)         ``fail`` with the reason and the DSN ``on_failed`` made
+older than the maximum lifetime    ``fail`` (expired) with its DSN
 =================================  ==========================================================
 
 Recipients already accepted upstream are remembered (in memory) for the message's next
@@ -46,7 +46,7 @@ from smtp365.config import AccountSettings
 from smtp365.errors import MessageError, Smtp365Error, SubmissionRejected
 from smtp365.models import Envelope, Reply, Submission
 from smtp365.relay.backoff import Backoff
-from smtp365.relay.queue import LedgerEntry, Pause, Queue, QueuedMessage, Sent
+from smtp365.relay.queue import Bounce, LedgerEntry, Pause, Queue, QueuedMessage, Sent
 from smtp365.relay.ratelimit import Grant, RateLimiter
 from smtp365.replies import Action
 from smtp365.transport.smtp import SmtpTransport
@@ -85,8 +85,10 @@ class SystemClock:
         await asyncio.sleep(seconds)
 
 
-FailedHook = Callable[[QueuedMessage, str, tuple[str, ...]], Awaitable[None]]
-"""``on_failed(message, reason, failed_recipients)``: a permanent failure, for the DSN."""
+FailedHook = Callable[[QueuedMessage, str, tuple[str, ...]], Awaitable[Bounce | None]]
+"""``on_failed(message, reason, failed_recipients)``: a permanent failure is about to be
+recorded; the report it returns (the DSN, see :class:`~smtp365.relay.dsn.Bouncer`) is queued
+in the same transaction."""
 
 TransportFactory = Callable[[AccountSettings], SmtpTransport]
 
@@ -357,15 +359,18 @@ class Worker:
             first = next(iter(permanent.values()))
             return await self._fail(msg, f"all recipients refused: {_reply_text(first)}")
         reply = replies_seen[-1] if replies_seen else "250 nothing left to send"
+        bounce = None
         if permanent:
             reason = "; ".join(f"<{r}>: {_reply_text(rep)}" for r, rep in permanent.items())
             reply = f"{reply} (refused: {reason})"
-        if not await self.queue.complete(msg.id, reply=reply, ledger=self._ledger_of(msg.id)):
+            bounce = await self._report(msg, f"recipient refused: {reason}", tuple(permanent))
+        if not await self.queue.complete(
+            msg.id, reply=reply, ledger=self._ledger_of(msg.id), bounce=bounce
+        ):
             log.warning("delivered %s again (a duplicate: it was delivered already)", msg.id)
             return Result.DELIVERED
         log.info("delivered %s to %d recipient(s): %s", msg.id, len(done), reply)
-        if permanent and self.on_failed is not None:
-            await self.on_failed(msg, "recipient refused", tuple(permanent))
+        self._log_bounce(msg, bounce)
         return Result.DELIVERED
 
     @staticmethod
@@ -486,18 +491,37 @@ class Worker:
     async def _fail(self, msg: QueuedMessage, reason: str) -> Result:
         done = self._done.pop(msg.id, set())
         failed = tuple(r for r in msg.recipients if r not in done)
+        bounce = await self._report(msg, reason, failed)
         if not await self.queue.fail(
-            msg.id, reason=reason, ledger=self._ledger_of(msg.id), attempt=msg.attempts
+            msg.id,
+            reason=reason,
+            ledger=self._ledger_of(msg.id),
+            attempt=msg.attempts,
+            bounce=bounce,
         ):
             self._lost(msg, f"failed: {reason}")
             return Result.LOST
         log.warning("failed %s: %s", msg.id, reason)
-        if self.on_failed is not None:
-            try:
-                await self.on_failed(msg, reason, failed)
-            except Exception:
-                log.exception("on_failed hook raised for %s", msg.id)
+        self._log_bounce(msg, bounce)
         return Result.FAILED
+
+    async def _report(
+        self, msg: QueuedMessage, reason: str, failed: tuple[str, ...]
+    ) -> Bounce | None:
+        """The DSN to queue with the outcome (from the ``on_failed`` hook), if any."""
+        if self.on_failed is None:
+            return None
+        try:
+            return await self.on_failed(msg, reason, failed)
+        except Exception:
+            log.exception("no bounce for %s: the report could not be made", msg.id)
+            return None
+
+    @staticmethod
+    def _log_bounce(msg: QueuedMessage, bounce: Bounce | None) -> None:
+        if bounce is not None:
+            to = ", ".join(bounce.envelope.recipients)
+            log.info("bounce %s for %s to %s", bounce.queue_id, msg.id, to)
 
 
 def _temporary(reply: Reply) -> bool:

@@ -23,6 +23,9 @@ Rules every backend keeps (checked by ``tests/relay/queue_contract.py``):
   the attempt that has it): nothing changes and they return ``False``, so a stale worker can
   neither fail nor re-defer a message another attempt is delivering. Without ``attempt``
   (the operator's tools) they apply to any message that is not delivered or failed.
+* ``fail`` and ``complete`` given a ``bounce`` (the delivery status notification) queue it
+  in the same transaction as the outcome: both are stored or neither, so a crash in
+  between cannot lose the report, and an outcome that is ignored queues no report.
 * ``complete`` wins over anything else, stale or not: delivery is at-least-once, and a
   message the upstream accepted is marked delivered whatever state it is in, failed
   included. Only an already delivered message stays as it is (``complete`` returns
@@ -56,6 +59,7 @@ from typing import Protocol, runtime_checkable
 from smtp365.models import Envelope
 
 __all__ = [
+    "Bounce",
     "Content",
     "Event",
     "Ledger",
@@ -167,6 +171,19 @@ class Ledger:
 
 
 @dataclass(frozen=True, slots=True)
+class Bounce:
+    """A report (a DSN) to queue together with the outcome it reports on: ``queue_id``
+    from :meth:`Queue.new_id`, the rest as for :meth:`Queue.enqueue`."""
+
+    queue_id: str
+    envelope: Envelope
+    content: bytes
+    message_id: str = ""
+    account: str | None = None
+    client: str = "bounce"
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     counts: Mapping[State, int] = field(default_factory=dict)
     pending_bytes: int = 0  # size of every message not yet delivered or failed
@@ -218,10 +235,16 @@ class Queue(Protocol):
         ...
 
     async def complete(
-        self, queue_id: str, *, reply: str, ledger: Sequence[LedgerEntry] = ()
+        self,
+        queue_id: str,
+        *,
+        reply: str,
+        ledger: Sequence[LedgerEntry] = (),
+        bounce: Bounce | None = None,
     ) -> bool:
         """The upstream accepted it: delivered, with ``reply`` kept in the log, whatever
         state the message is in; ``False`` (nothing changed) if it was already delivered.
+        ``bounce``: a report for the recipients refused, queued in the same transaction.
 
         ``ledger``: the attempt's sends and pauses (see the module's rules), also for
         :meth:`defer` and :meth:`fail`."""
@@ -254,9 +277,11 @@ class Queue(Protocol):
         reason: str,
         ledger: Sequence[LedgerEntry] = (),
         attempt: int | None = None,
+        bounce: Bounce | None = None,
     ) -> bool:
         """A permanent failure: kept as failed (with its content) until purged. ``attempt``
-        as for :meth:`defer`."""
+        as for :meth:`defer`. ``bounce``: the report to the sender, queued in the same
+        transaction (if storing it fails, the failure is not recorded either)."""
         ...
 
     async def renew(self, queue_id: str, *, attempt: int, lease_seconds: float) -> bool:

@@ -93,6 +93,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from smtp365.errors import QueueError
 from smtp365.models import Envelope
 from smtp365.relay.queue import (
+    Bounce,
     Content,
     Event,
     Ledger,
@@ -193,6 +194,24 @@ class _Stored:
     inline: bytes | None = None
     spool: Path | None = None
     consumed: Path | None = None  # a caller's file to remove once the row is committed
+
+
+@dataclass(frozen=True, slots=True)
+class _New:
+    """A message to insert (see ``SqliteQueue._prepare``)."""
+
+    id: str
+    row: tuple[object, ...]
+    stored: _Stored
+
+    def spooling(self) -> dict[str, Any]:
+        """``_write`` arguments: sync the spool before the commit, remove the file on abort."""
+        spool = self.stored.spool
+        return {"sync_spool": spool is not None, "abort_unlink": (spool,) if spool else ()}
+
+    def unused(self) -> list[Path]:
+        """The files to remove when the message is not inserted after all."""
+        return [self.stored.spool] if self.stored.spool else []
 
 
 @dataclass(eq=False, slots=True)
@@ -673,10 +692,18 @@ class SqliteQueue:
 
     # ------------------------------------------------------------------ enqueue
 
+    def _free_spool_path(self, queue_id: str) -> Path:
+        """I/O thread: the spool path of a new message; refuses an id in use (a rename
+        would replace that message's content)."""
+        final = self._spool_path(queue_id)
+        if os.path.lexists(final):
+            raise QueueError(f"queue id {queue_id} is already in use", temporary=False)
+        return final
+
     def _spool_bytes(self, queue_id: str, data: bytes) -> _Stored:
         """I/O thread: a durable spool file (not yet named by any row)."""
         tmp = self.incoming_dir / f"{queue_id}.tmp"
-        final = self._spool_path(queue_id)
+        final = self._free_spool_path(queue_id)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -703,7 +730,7 @@ class SqliteQueue:
             if len(data) <= self.inline_max:
                 return _Stored(size=len(data), inline=data, consumed=source)
             return _Stored(size=len(data), spool=self._spool_bytes(queue_id, data).spool)
-        final = self._spool_path(queue_id)
+        final = self._free_spool_path(queue_id)
         _fsync_path(source)
         try:
             os.rename(source, final)
@@ -738,61 +765,91 @@ class SqliteQueue:
         queue_id: str | None = None,
     ) -> str:
         with self._call():
-            if not envelope.recipients:
-                raise QueueError("a message needs at least one recipient", temporary=False)
-            if queue_id is None:
-                queue_id = self._ids()
-            elif not is_queue_id(queue_id):
-                raise QueueError(f"{queue_id!r} is not a queue id", temporary=False)
-            now = self._clock()
-            loop = asyncio.get_running_loop()
-            try:
-                if isinstance(content, bytes | bytearray | memoryview):
-                    data = bytes(content)
-                    if len(data) <= self.inline_max:
-                        stored = _Stored(size=len(data), inline=data)
-                    else:
-                        stored = await loop.run_in_executor(
-                            self._io, self._spool_bytes, queue_id, data
-                        )
-                else:
-                    stored = await loop.run_in_executor(
-                        self._io, self._take_file, queue_id, Path(os.fspath(content))
-                    )
-            except OSError as exc:
-                raise _storage_error(exc, "write the message") from exc
-            row = (
-                queue_id,
-                envelope.sender,
-                json.dumps(list(envelope.recipients)),
-                stored.size,
-                now,
-                State.QUEUED.value,
-                now,
-                account,
-                client,
-                message_id,
-                "inline" if stored.inline is not None else "spool",
+            new = await self._prepare(
+                envelope,
+                content,
+                message_id=message_id,
+                account=account,
+                client=client,
+                queue_id=queue_id,
             )
 
             def run(conn: sqlite3.Connection) -> tuple[str, list[Path]]:
-                conn.execute(
-                    "INSERT INTO messages (id, sender, recipients, size, received_at, state,"
-                    " next_attempt_at, account, client, message_id, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    row,
-                )
-                if stored.inline is not None:
-                    conn.execute(
-                        "INSERT INTO bodies (id, data) VALUES (?, ?)", (queue_id, stored.inline)
-                    )
-                return queue_id, [stored.consumed] if stored.consumed else []
+                self._insert(conn, new)
+                return new.id, [new.stored.consumed] if new.stored.consumed else []
 
-            return await self._write(
-                run,
-                sync_spool=stored.spool is not None,
-                abort_unlink=(stored.spool,) if stored.spool else (),
-            )
+            return await self._write(run, **new.spooling())
+
+    async def _prepare(
+        self,
+        envelope: Envelope,
+        content: Content,
+        *,
+        message_id: str,
+        account: str | None,
+        client: str,
+        queue_id: str | None,
+    ) -> _New:
+        """A new message with its content stored (a spool file not yet named by any row, or
+        bytes to insert), ready for :meth:`_insert` in a transaction."""
+        if not envelope.recipients:
+            raise QueueError("a message needs at least one recipient", temporary=False)
+        if queue_id is None:
+            queue_id = self._ids()
+        elif not is_queue_id(queue_id):
+            raise QueueError(f"{queue_id!r} is not a queue id", temporary=False)
+        now = self._clock()
+        loop = asyncio.get_running_loop()
+        try:
+            if isinstance(content, bytes | bytearray | memoryview):
+                data = bytes(content)
+                if len(data) <= self.inline_max:
+                    stored = _Stored(size=len(data), inline=data)
+                else:
+                    stored = await loop.run_in_executor(self._io, self._spool_bytes, queue_id, data)
+            else:
+                stored = await loop.run_in_executor(
+                    self._io, self._take_file, queue_id, Path(os.fspath(content))
+                )
+        except OSError as exc:
+            raise _storage_error(exc, "write the message") from exc
+        row = (
+            queue_id,
+            envelope.sender,
+            json.dumps(list(envelope.recipients)),
+            stored.size,
+            now,
+            State.QUEUED.value,
+            now,
+            account,
+            client,
+            message_id,
+            "inline" if stored.inline is not None else "spool",
+        )
+        return _New(queue_id, row, stored)
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, new: _New) -> None:
+        conn.execute(
+            "INSERT INTO messages (id, sender, recipients, size, received_at, state,"
+            " next_attempt_at, account, client, message_id, body)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            new.row,
+        )
+        if new.stored.inline is not None:
+            conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (new.id, new.stored.inline))
+
+    async def _prepare_bounce(self, bounce: Bounce | None) -> _New | None:
+        if bounce is None:
+            return None
+        return await self._prepare(
+            bounce.envelope,
+            bounce.content,
+            message_id=bounce.message_id,
+            account=bounce.account,
+            client=bounce.client,
+            queue_id=bounce.queue_id,
+        )
 
     # ------------------------------------------------------------------ workers
 
@@ -868,15 +925,21 @@ class SqliteQueue:
             raise _refuse(queue_id, "its content is gone (delivered, purged or deleted)")
 
     async def complete(
-        self, queue_id: str, *, reply: str, ledger: Sequence[LedgerEntry] = ()
+        self,
+        queue_id: str,
+        *,
+        reply: str,
+        ledger: Sequence[LedgerEntry] = (),
+        bounce: Bounce | None = None,
     ) -> bool:
         with self._call():
+            new = await self._prepare_bounce(bounce)
             now = self._clock()
 
             def run(conn: sqlite3.Connection) -> tuple[bool, list[Path]]:
                 row = self._row(conn, queue_id)
                 if row["state"] == State.DELIVERED:
-                    return False, []
+                    return False, new.unused() if new else []
                 conn.execute(
                     "UPDATE messages SET state = 'delivered', finished_at = ?, last_reason = ?,"
                     " lease_until = NULL, body = NULL WHERE id = ?",
@@ -892,9 +955,13 @@ class SqliteQueue:
                     reply,
                     self._duration(row, now),
                 )
+                if new is not None:
+                    self._insert(conn, new)
                 return True, [self._spool_path(queue_id)] if row["body"] == "spool" else []
 
-            return await self._write(run, durable=False, ledger=ledger)
+            if new is None:
+                return await self._write(run, durable=False, ledger=ledger)
+            return await self._write(run, ledger=ledger, **new.spooling())
 
     @staticmethod
     def _current(row: sqlite3.Row, attempt: int | None) -> bool:
@@ -966,14 +1033,16 @@ class SqliteQueue:
         reason: str,
         ledger: Sequence[LedgerEntry] = (),
         attempt: int | None = None,
+        bounce: Bounce | None = None,
     ) -> bool:
         with self._call():
+            new = await self._prepare_bounce(bounce)
             now = self._clock()
 
             def run(conn: sqlite3.Connection) -> tuple[bool, list[Path]]:
                 row = self._row(conn, queue_id)
                 if not self._current(row, attempt):
-                    return False, []
+                    return False, new.unused() if new else []
                 state = State(row["state"])
                 if state.terminal:
                     raise _refuse(queue_id, f"already {state}")
@@ -991,9 +1060,11 @@ class SqliteQueue:
                     reason,
                     self._duration(row, now),
                 )
+                if new is not None:
+                    self._insert(conn, new)
                 return True, []
 
-            return await self._write(run, ledger=ledger)
+            return await self._write(run, ledger=ledger, **(new.spooling() if new else {}))
 
     async def renew(self, queue_id: str, *, attempt: int, lease_seconds: float) -> bool:
         with self._call():
