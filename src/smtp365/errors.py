@@ -138,5 +138,9 @@ class QueueError(Smtp365Error):
     """The relay's queue could not store or read a message."""
 
 
+class QueueContentLost(QueueError):
+    """A message waiting in the queue has lost its content (its spool file is missing)."""
+
+
 class BasicAuthWarning(FutureWarning):
     """AUTH LOGIN (Basic authentication) is being retired by Microsoft; use XOAUTH2."""

@@ -61,15 +61,17 @@ class FakeClock:
         *,
         tasks: int,
         until: float,
+        quiet: Callable[[], bool] = lambda: True,
         timeout: float = 20.0,
     ) -> None:
-        """Until ``done()``: whenever ``tasks`` tasks (or more) wait for the clock, jump to
-        the first wakeup. Fails once the clock would pass ``until``, or after ``timeout``
-        real seconds (the tasks in between do real I/O: the queue, the sandbox)."""
+        """Until ``done()``: whenever ``tasks`` tasks (or more) wait for the clock and
+        ``quiet()`` holds, jump to the first wakeup. Fails once the clock would pass
+        ``until``, or after ``timeout`` real seconds (the tasks in between do real I/O: the
+        queue, the sandbox)."""
         deadline = time.monotonic() + timeout
         while not await done():
             assert time.monotonic() < deadline, "timed out"
-            if self.sleeping < tasks:
+            if self.sleeping < tasks or not quiet():
                 await asyncio.sleep(0.005)  # real work in progress: poll for the condition
                 continue
             wakeup = self.next_wakeup()

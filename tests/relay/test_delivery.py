@@ -16,7 +16,8 @@ from smtp365.config import Account, AccountSettings
 from smtp365.config.model import resolve
 from smtp365.models import Envelope
 from smtp365.relay.backoff import Backoff
-from smtp365.relay.queue import Event, QueuedMessage, State
+from smtp365.relay.dsn import Bouncer
+from smtp365.relay.queue import Bounce, Event, QueuedMessage, State
 from smtp365.relay.queue.sqlite import SqliteQueue
 from smtp365.relay.ratelimit import Limits, RateLimiter
 from smtp365.relay.scheduler import Scheduler, make_router
@@ -102,20 +103,37 @@ async def make_relay(tmp_path: Path) -> AsyncIterator[RelayFactory]:
         timeout: float = 10,
         clock: FakeClock | None = None,
         lease_seconds: float = 30.0,
+        bounces: bool = False,
     ) -> Relay:
-        """A relay on the real clock, or on ``clock`` (then the test moves time)."""
+        """A relay on the real clock, or on ``clock`` (then the test moves time); with
+        ``bounces``, failures are reported by a Bouncer through a ``postmaster`` account
+        (Bob's mailbox)."""
         sb = Sandbox(tmp_path / "sbx", settings)
         await sb.start()
         sandboxes.append(sb)
         queue = await SqliteQueue.open(tmp_path / "queue", clock=clock or time.time)
         failed: list[tuple[QueuedMessage, str, tuple[str, ...]]] = []
+        accounts = {"alice": account_for(sb, timeout=timeout)}
+        bouncer = None
+        if bounces:
+            accounts["postmaster"] = account_for(sb, BOB)
+            bouncer = Bouncer(
+                queue,
+                account="postmaster",
+                from_address=BOB,
+                reporting_mta="relay.test",
+                clock=clock or time.time,
+            )
 
-        async def on_failed(msg: QueuedMessage, reason: str, rcpts: tuple[str, ...]) -> None:
+        async def on_failed(
+            msg: QueuedMessage, reason: str, rcpts: tuple[str, ...]
+        ) -> Bounce | None:
             failed.append((msg, reason, rcpts))
+            return await bouncer(msg, reason, rcpts) if bouncer else None
 
         worker = Worker(
             queue,
-            {"alice": account_for(sb, timeout=timeout)},
+            accounts,
             limiter=RateLimiter(limits or Limits(), clock=(clock or time).monotonic),
             backoff=backoff or Backoff(base=0.2, cap=0.4, floor=0.1, rng=random.Random(1)),
             clock=clock,
@@ -507,3 +525,104 @@ async def test_a_report_that_cannot_be_made_does_not_stop_the_failure(
     assert await _state_is(relay, qid, State.FAILED)
     assert f"no bounce for {qid}: the report could not be made" in caplog.messages
     assert len(await relay.queue.list()) == 1
+
+
+def _dsns(relay: Relay) -> list[str]:
+    """The delivery status notifications that reached the sandbox, as text."""
+    return [
+        relay.sb.store.content(m.id).decode()
+        for m in relay.sb.store.list()
+        if "multipart/report" in relay.sb.store.content(m.id).decode()
+    ]
+
+
+async def test_expiry_comes_after_the_last_try_and_bounces_with_4_4_7(
+    make_relay: RelayFactory, clock: FakeClock
+) -> None:
+    lifetime = 600.0
+    relay = await make_relay(
+        clock=clock,
+        backoff=Backoff(base=60, cap=120, max_lifetime=lifetime, rng=random.Random(1)),
+        bounces=True,
+    )
+    relay.sb.faults.set("rcpt", reply="451 4.3.0 Try again later")  # every time
+    t0 = clock.now
+    qid, _ = await relay.send(1)
+
+    async def failed() -> bool:
+        return await _state_is(relay, qid, State.FAILED)
+
+    def idle() -> bool:
+        return relay.scheduler.inflight == 0
+
+    await clock.run(failed, tasks=2, quiet=idle, until=t0 + lifetime + 5)
+    history = await relay.queue.history(qid)
+    deferrals = [e for e in history if e.event is Event.DEFERRED]
+    [failure] = [e for e in history if e.event is Event.FAILED]
+    assert len(deferrals) >= 3 and deferrals[-1].at < t0 + lifetime
+    # the last try is made at the expiry, and only its 451 fails the message
+    assert t0 + lifetime <= failure.at < t0 + lifetime + 2
+    assert relay.sb.faults.fired["rcpt"] == len(deferrals) + 1
+    assert failure.detail.startswith("expired in the queue; last error: ")
+    assert "451 4.3.0" in failure.detail
+    [(_, reason, rcpts)] = relay.failed
+    assert rcpts == ("x@example.net",)
+
+    relay.sb.faults.clear()
+
+    async def settled() -> bool:
+        return (await relay.queue.stats()).pending == 0
+
+    await clock.run(settled, tasks=2, quiet=idle, until=t0 + lifetime + 3600)
+    [dsn] = [m for m in relay.sb.store.list()]
+    assert (dsn.mailbox, dsn.mail_from, dsn.rcpt_tos) == (BOB, BOB, [ALICE])  # postmaster
+    report = relay.sb.store.content(dsn.id).decode()
+    assert "Status: 4.4.7" in report and "Diagnostic-Code: smtp; 451 4.3.0" in report
+
+
+async def test_no_sending_account_fails_at_expiry_with_a_dsn(
+    make_relay: RelayFactory, clock: FakeClock
+) -> None:
+    lifetime = 300.0
+    relay = await make_relay(
+        clock=clock,
+        backoff=Backoff(base=60, cap=120, max_lifetime=lifetime, rng=random.Random(1)),
+        bounces=True,
+    )
+    t0 = clock.now
+    _, body = message(1)
+    qid = await relay.queue.enqueue(Envelope(ALICE, ("x@example.net",)), body, account="gone")
+    relay.scheduler.wake()
+
+    async def settled() -> bool:
+        return (await relay.queue.stats()).pending == 0
+
+    await clock.run(settled, tasks=2, quiet=lambda: relay.scheduler.inflight == 0, until=t0 + 900)
+    msg = await relay.queue.get(qid)
+    assert msg is not None and msg.state is State.FAILED
+    assert "unknown sending account 'gone'" in msg.last_reason
+    [report] = _dsns(relay)
+    assert "Status: 4.4.7" in report and "unknown sending account" in report
+
+
+async def test_a_message_whose_spool_file_is_lost_fails_with_a_dsn(
+    make_relay: RelayFactory, clock: FakeClock
+) -> None:
+    relay = await make_relay(clock=clock, bounces=True)
+    await relay.until(lambda: _true(clock.sleeping == 2))  # the scheduler waits for the clock
+    mid, body = message(1)
+    big = body + b"x" * 100 + b"\r\n" * 40_000  # spooled
+    qid = await relay.queue.enqueue(Envelope(ALICE, ("x@example.net",)), big, message_id=mid)
+    (relay.queue.spool_dir / qid).unlink()  # disk damage
+    relay.scheduler.wake()
+
+    async def delivered_report() -> bool:
+        return len(_dsns(relay)) == 1
+
+    await relay.until(delivered_report)
+    msg = await relay.queue.get(qid)
+    assert msg is not None and msg.state is State.FAILED and "missing" in msg.last_reason
+    assert mid not in relay.arrived()
+    [report] = _dsns(relay)
+    assert "queue file of this message is missing" in " ".join(report.split())
+    assert "text/rfc822-headers" not in report  # the original is gone

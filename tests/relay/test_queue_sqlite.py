@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from smtp365.errors import QueueError
+from smtp365.errors import QueueContentLost, QueueError
 from smtp365.models import Envelope
 from smtp365.relay.queue import Bounce, Event, Ledger, Pause, Sent, State
 from smtp365.relay.queue.ids import IdGenerator, is_queue_id
@@ -127,9 +127,19 @@ async def test_recovery_reports_lost_content(root: Path, clock: FakeClock) -> No
     queue = await SqliteQueue.open(root, clock=clock)
     try:
         assert queue.recovery is not None and queue.recovery.lost == (qid,)
-        got = await queue.get(qid)
-        assert got is not None and got.state is State.FAILED
-        assert "missing" in got.last_reason
+        # left for the worker, which fails it with a DSN
+        [got] = await queue.claim(1, 60)
+        assert got.id == qid and got.content_path is None
+        with pytest.raises(QueueContentLost, match="missing"):
+            await queue.read(qid)
+        await queue.fail(qid, reason="the queue file of this message is missing")
+        with pytest.raises(QueueError, match="content is gone"):
+            await queue.retry(qid)
+        # a spool file that goes missing later reads the same
+        other = await queue.enqueue(ENVELOPE, LARGE)
+        (root / "spool" / other).unlink()
+        with pytest.raises(QueueContentLost):
+            await queue.read(other)
     finally:
         await queue.close()
 

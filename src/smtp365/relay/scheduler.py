@@ -215,17 +215,8 @@ class Scheduler:
                 if account is not None:
                     reason = f"unknown sending account {account!r}"
                 log.error("%s: %s", msg.id, reason)
-                until = self.worker.backoff.next_attempt(
-                    msg.attempts, now=self.clock.time(), received_at=msg.received_at
-                )
-                if until is None:
-                    done = await self.queue.fail(msg.id, reason=reason, attempt=msg.attempts)
-                    self.results[Result.FAILED if done else Result.LOST] += 1
-                else:
-                    done = await self.queue.defer(
-                        msg.id, until=until, reason=reason, attempt=msg.attempts
-                    )
-                    self.results[Result.DEFERRED if done else Result.LOST] += 1
+                # Retried like any temporary failure; past its lifetime it fails with a DSN.
+                self.results[await self.worker.defer(msg, reason)] += 1
                 return
             result = await self.worker.deliver(msg, account)
             self.results[result] += 1

@@ -14,8 +14,13 @@ accepted                           ``complete`` with the upstream reply
 ``Action.PAUSE_MAILBOX``           mailbox paused until its window frees, ``defer`` to then
 ``Action.PAUSE_LONG``              mailbox paused ``pause_long``, alert logged, ``defer``
 ``Action.FIX`` (permanent)         ``fail`` with the reason and the DSN ``on_failed`` made
-older than the maximum lifetime    ``fail`` (expired) with its DSN
+a temporary outcome past the       ``fail`` (expired, ``Status: 4.4.7``) with its DSN
+maximum lifetime
 =================================  ==========================================================
+
+A message past its maximum lifetime still gets its attempt (the backoff schedules the last
+one right at the expiry); only a temporary outcome of that attempt fails it. A message that
+cannot get an attempt because its mailbox is paused fails once it is past its lifetime.
 
 Recipients already accepted upstream are remembered (in memory) for the message's next
 attempt, so a retry after a partial delivery does not send to them again.
@@ -43,7 +48,7 @@ from typing import Protocol
 
 from smtp365 import replies
 from smtp365.config import AccountSettings
-from smtp365.errors import MessageError, Smtp365Error, SubmissionRejected
+from smtp365.errors import MessageError, QueueContentLost, Smtp365Error, SubmissionRejected
 from smtp365.models import Envelope, Reply, Submission
 from smtp365.relay.backoff import Backoff
 from smtp365.relay.queue import Bounce, LedgerEntry, Pause, Queue, QueuedMessage, Sent
@@ -285,8 +290,6 @@ class Worker:
         delivery problems (only for queue errors and cancellation)."""
         account = self.accounts[account_name]
         mailbox = self.mailbox_of(account)
-        if self.backoff.expired(msg.received_at, self.clock.time()):
-            return await self._fail(msg, f"expired in the queue: {msg.last_reason or 'no reason'}")
         done = self._done.setdefault(msg.id, set())
         remaining = [r for r in msg.recipients if r not in done]
         content: bytes | None = None  # read once a budget is granted, not while waiting
@@ -303,6 +306,9 @@ class Worker:
             if content is None:
                 try:
                     content = await self.queue.read(msg.id)
+                except QueueContentLost as exc:
+                    self._release(grant, counted=False)
+                    return await self.fail(msg, exc.what)
                 except BaseException:
                     self._release(grant, counted=False)
                     raise
@@ -328,14 +334,14 @@ class Worker:
                 return await self._rejected(msg, mailbox, exc, action, grant)
             except MessageError as exc:
                 self._counted(msg.id, grant)
-                return await self._fail(msg, str(exc.what))
+                return await self.fail(msg, str(exc.what))
             except Smtp365Error as exc:  # network, TLS, token, config: not the message's fault
                 counted = False
                 keep = False
                 why = f"{type(exc).__name__}: {exc.what}"
                 if getattr(exc, "possibly_delivered", False):  # lost between the dot and 250
                     why += "; may have been delivered; the retry can duplicate it"
-                return await self._defer(msg, why)
+                return await self.defer(msg, why)
             else:
                 self._counted(msg.id, grant)
             finally:
@@ -353,11 +359,11 @@ class Worker:
         permanent = {r: rep for r, rep in refused.items() if r not in temporary}
         if temporary:
             first = next(iter(temporary.values()))
-            return await self._defer(msg, f"recipients deferred: {_reply_text(first)}")
+            return await self.defer(msg, f"recipients deferred: {_reply_text(first)}")
         done = self._done.pop(msg.id, set())
         if permanent and not done:
             first = next(iter(permanent.values()))
-            return await self._fail(msg, f"all recipients refused: {_reply_text(first)}")
+            return await self.fail(msg, f"all recipients refused: {_reply_text(first)}")
         reply = replies_seen[-1] if replies_seen else "250 nothing left to send"
         bounce = None
         if permanent:
@@ -390,11 +396,11 @@ class Worker:
         reply = f"{exc.code} {exc.enhanced} {exc.text}".replace("  ", " ").strip()
         now = self.clock.monotonic()
         if action is Action.FIX or not exc.temporary:
-            return await self._fail(msg, f"{exc.stage} rejected: {reply}")
+            return await self.fail(msg, f"{exc.stage} rejected: {reply}")
         if action is Action.FEWER_CONNECTIONS:
             allowed = self.limiter.fewer_connections(mailbox)
             log.warning("%s: 432 from upstream, now %d connection(s): %s", mailbox, allowed, reply)
-            return await self._defer(msg, reply, delay=self.policy.fewer_connections_retry)
+            return await self.defer(msg, reply, delay=self.policy.fewer_connections_retry)
         if action is Action.PAUSE_MAILBOX:
             # Settle our share first so the window's own answer includes this send.
             self.limiter.settle(grant)
@@ -409,7 +415,7 @@ class Worker:
             self.limiter.pause(mailbox, until, reply)
             self._note(msg.id, Pause(mailbox, self._wall(until), reply))
             log.warning("%s: quota reached, paused for %.0f s: %s", mailbox, until - now, reply)
-            return await self._defer(msg, reply, delay=until - now)
+            return await self.defer(msg, reply, delay=until - now)
         if action is Action.PAUSE_LONG:
             until = now + self.policy.pause_long
             self.limiter.pause(mailbox, until, reply)
@@ -420,8 +426,8 @@ class Worker:
                 self.policy.pause_long,
                 reply,
             )
-            return await self._defer(msg, reply, delay=self.policy.pause_long)
-        return await self._defer(msg, reply)
+            return await self.defer(msg, reply, delay=self.policy.pause_long)
+        return await self.defer(msg, reply)
 
     async def _defer_for_budget(self, msg: QueuedMessage, mailbox: str, recipients: int) -> Result:
         ready = self.limiter.earliest(mailbox, recipients)
@@ -433,7 +439,10 @@ class Worker:
             reason = f"mailbox paused: {self.limiter.state(mailbox).pause_reason}"
         if self._stopping:
             reason = "relay stopping"
-        # Budget waits are not failed attempts: they never expire a message on their own.
+        elif paused is not None and self.backoff.expired(msg.received_at, self.clock.time()):
+            # No attempt before the pause ends, and the message has no time left.
+            return await self.fail(msg, f"expired in the queue; last error: {reason}")
+        # Waits for a window are not failed attempts: they do not expire a message.
         until = self.clock.time() + max(0.0, delay)
         if not await self._put_back(msg, until, reason):
             return Result.LOST
@@ -443,15 +452,15 @@ class Worker:
             log.info("deferred %s until budget frees (%.1f s): %s", msg.id, delay, reason)
         return Result.DEFERRED
 
-    async def _defer(
-        self, msg: QueuedMessage, reason: str, *, delay: float | None = None
-    ) -> Result:
+    async def defer(self, msg: QueuedMessage, reason: str, *, delay: float | None = None) -> Result:
+        """A temporary failure: back off (or wait ``delay``), or fail the message as expired
+        when its lifetime is over."""
         now = self.clock.time()
         until = self.backoff.next_attempt(
             msg.attempts, now=now, received_at=msg.received_at, delay=delay
         )
         if until is None:
-            return await self._fail(msg, f"expired in the queue; last error: {reason}")
+            return await self.fail(msg, f"expired in the queue; last error: {reason}")
         if not await self._put_back(msg, until, reason):
             return Result.LOST
         log.info("deferred %s for %.1f s: %s", msg.id, until - now, reason)
@@ -488,7 +497,8 @@ class Worker:
             return None
         return [r for r in msg.recipients if r not in done] or None
 
-    async def _fail(self, msg: QueuedMessage, reason: str) -> Result:
+    async def fail(self, msg: QueuedMessage, reason: str) -> Result:
+        """A permanent failure, recorded with its DSN (the ``on_failed`` hook's report)."""
         done = self._done.pop(msg.id, set())
         failed = tuple(r for r in msg.recipients if r not in done)
         bounce = await self._report(msg, reason, failed)

@@ -67,7 +67,9 @@ slower than one; the flock wakes the next writer the moment the commit is done.
 Recovery runs when a queue is opened and nobody else has it open (the
 flock is free): temporary files and spool files without a committed row are deleted, the
 leases of the dead are returned at once, and a row whose spool file is missing (which the
-write order above rules out short of disk damage) is marked failed and logged.
+write order above rules out short of disk damage) is logged and made due: ``read`` then
+raises :class:`~smtp365.errors.QueueContentLost` (as it does for a spool file that goes
+missing later), and the worker fails the message with a delivery status notification.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from smtp365.errors import QueueError
+from smtp365.errors import QueueContentLost, QueueError
 from smtp365.models import Envelope
 from smtp365.relay.queue import (
     Bounce,
@@ -172,6 +174,7 @@ _COLUMNS = (
     " last_reason, account, client, message_id, finished_at, body"
 )
 _STORAGE_FIX = "check free disk space and the permissions of the relay's state directory"
+_LOST = "the queue file of this message is missing (disk damage?)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +184,7 @@ class Recovery:
     incoming_removed: int = 0  # temporary files of interrupted writes
     orphans_removed: int = 0  # spool files whose enqueue never committed
     requeued: int = 0  # messages leased to workers that are gone
-    lost: tuple[str, ...] = ()  # rows whose spool file is missing: marked failed
+    lost: tuple[str, ...] = ()  # rows whose spool file is missing: left for the worker to fail
 
     @property
     def changed(self) -> bool:
@@ -458,20 +461,13 @@ class SqliteQueue:
         now = self._clock()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for queue_id in lost:
-                row = conn.execute(
-                    "SELECT state, attempts FROM messages WHERE id = ?", (queue_id,)
-                ).fetchone()
-                if State(row["state"]).terminal:
-                    conn.execute("UPDATE messages SET body = NULL WHERE id = ?", (queue_id,))
-                    continue
-                reason = "the queue file of this message is missing (disk damage?)"
-                conn.execute(
-                    "UPDATE messages SET state = 'failed', body = NULL, finished_at = ?,"
-                    " last_reason = ?, lease_until = NULL WHERE id = ?",
-                    (now, reason, queue_id),
-                )
-                self._log(conn, queue_id, now, Event.FAILED, row["attempts"], reason)
+            # Without content a pending message is only good for failing (read() says so,
+            # and the worker fails it with a DSN), so it is due now.
+            conn.executemany(
+                "UPDATE messages SET body = NULL, next_attempt_at = min(next_attempt_at, ?)"
+                " WHERE id = ?",
+                [(now, queue_id) for queue_id in lost],
+            )
             active = conn.execute(
                 "SELECT id, attempts FROM messages WHERE state = 'active'"
             ).fetchall()
@@ -899,17 +895,17 @@ class SqliteQueue:
     async def read(self, queue_id: str) -> bytes:
         with self._call():
 
-            def lookup(conn: sqlite3.Connection) -> tuple[str | None, bytes | None]:
+            def lookup(conn: sqlite3.Connection) -> tuple[str, str | None, bytes | None]:
                 row = conn.execute(
-                    "SELECT m.body, b.data FROM messages m LEFT JOIN bodies b ON b.id = m.id"
-                    " WHERE m.id = ?",
+                    "SELECT m.state, m.body, b.data FROM messages m"
+                    " LEFT JOIN bodies b ON b.id = m.id WHERE m.id = ?",
                     (queue_id,),
                 ).fetchone()
                 if row is None:
                     raise _unknown(queue_id)
-                return row[0], row[1]
+                return row[0], row[1], row[2]
 
-            where, data = await self._read(lookup)
+            state, where, data = await self._read(lookup)
             if where == "inline" and data is not None:
                 return bytes(data)
             if where == "spool":
@@ -919,9 +915,17 @@ class SqliteQueue:
                         self._io, path.read_bytes
                     )
                 except FileNotFoundError:
-                    pass  # delivered or deleted meanwhile
+                    # Delivered or deleted meanwhile, or lost: ask again.
+                    state, where, data = await self._read(lookup)
                 except OSError as exc:
                     raise _storage_error(exc, f"read message {queue_id}") from exc
+            if not State(state).terminal:
+                raise QueueContentLost(
+                    f"message {queue_id}: {_LOST}",
+                    fix="restore the state directory from a backup; the message fails with a"
+                    " delivery status notification to its sender",
+                    temporary=False,
+                )
             raise _refuse(queue_id, "its content is gone (delivered, purged or deleted)")
 
     async def complete(
