@@ -30,7 +30,9 @@ ALICE = "alice@contoso.test"
 BOB = "bob@contoso.test"
 
 
-def account_for(sb: Sandbox, mailbox: str = ALICE, *, timeout: float = 10) -> AccountSettings:
+def account_for(
+    sb: Sandbox, mailbox: str = ALICE, *, timeout: float = 10, token: str | None = None
+) -> AccountSettings:
     fields: dict[str, Any] = {
         "profile": "custom",
         "host": "localhost",
@@ -39,7 +41,7 @@ def account_for(sb: Sandbox, mailbox: str = ALICE, *, timeout: float = 10) -> Ac
         "username": mailbox,
         "auth": "xoauth2",
         "timeout": timeout,
-        "token": sb.issue_token(mailbox),
+        "token": token or sb.issue_token(mailbox),
     }
     return resolve("alice", Account.model_validate(fields), "(test)")
 
@@ -626,3 +628,101 @@ async def test_a_message_whose_spool_file_is_lost_fails_with_a_dsn(
     [report] = _dsns(relay)
     assert "queue file of this message is missing" in " ".join(report.split())
     assert "text/rfc822-headers" not in report  # the original is gone
+
+
+def _alerts(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALERT")]
+
+
+async def test_a_refused_sign_in_pauses_the_account_and_fails_no_message(
+    make_relay: RelayFactory, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = await make_relay(
+        clock=clock, backoff=Backoff(base=60, cap=240, rng=random.Random(1)), bounces=True
+    )
+    relay.worker.accounts["alice"] = account_for(relay.sb, token="not-a-valid-token")
+    t0 = clock.now
+    ids = [(await relay.send(i))[0] for i in range(3)]
+
+    async def all_deferred() -> bool:
+        return (await relay.queue.stats())[State.DEFERRED] == 3
+
+    await relay.until(all_deferred)  # refused at once: the clock need not move
+    # one alert for the three refusals (the three connections went at once), with the fix
+    [alert] = _alerts(caplog)
+    assert "535 5.7.3" in alert and "New-ServicePrincipal" in alert and "60 s" in alert
+    assert relay.worker.limiter.paused_until(ALICE) == t0 + 60
+    for msg in await relay.queue.list(State.DEFERRED):
+        assert msg.next_attempt_at == t0 + 60 and "auth rejected: 535 5.7.3" in msg.last_reason
+    assert relay.sb.stats.auth_failures >= 1
+
+    def idle() -> bool:
+        return relay.scheduler.inflight == 0
+
+    # after the pause: refused again, paused twice as long, a second alert
+    async def retried() -> bool:
+        msgs = await relay.queue.list(State.DEFERRED)
+        return len(msgs) == 3 and all(m.next_attempt_at > t0 + 60 for m in msgs)
+
+    await clock.run(retried, tasks=2, quiet=idle, until=t0 + 61)
+    assert len(alerts := _alerts(caplog)) == 2 and "120 s" in alerts[1]
+    assert all(m.next_attempt_at == t0 + 180 for m in await relay.queue.list(State.DEFERRED))
+
+    # the operator fixes the credentials: everything goes out after the pause
+    relay.worker.accounts["alice"] = account_for(relay.sb)
+    relay.worker.pool("alice").account = relay.worker.accounts["alice"]
+
+    async def settled() -> bool:
+        return (await relay.queue.stats()).pending == 0
+
+    await clock.run(settled, tasks=2, quiet=idle, until=t0 + 181)
+    assert all([await _state_is(relay, qid, State.DELIVERED) for qid in ids])
+    assert not relay.failed and len(_alerts(caplog)) == 2
+    assert relay.worker._refusals == {}
+
+
+async def test_an_account_refused_until_expiry_bounces_with_4_4_7(
+    make_relay: RelayFactory, clock: FakeClock
+) -> None:
+    lifetime = 400.0
+    relay = await make_relay(
+        clock=clock,
+        backoff=Backoff(base=60, cap=120, max_lifetime=lifetime, rng=random.Random(1)),
+        bounces=True,
+    )
+    relay.worker.accounts["alice"] = account_for(relay.sb, token="not-a-valid-token")
+    t0 = clock.now
+    ids = [(await relay.send(i))[0] for i in range(2)]
+
+    async def settled() -> bool:
+        return (await relay.queue.stats()).pending == 0
+
+    await clock.run(
+        settled, tasks=2, quiet=lambda: relay.scheduler.inflight == 0, until=t0 + lifetime + 60
+    )
+    for qid in ids:
+        msg = await relay.queue.get(qid)
+        assert msg is not None and msg.state is State.FAILED
+        assert msg.finished_at is not None and msg.finished_at >= t0 + lifetime
+        assert msg.last_reason.startswith("expired in the queue; last error: ")
+        assert "535 5.7.3" in msg.last_reason
+    # the reports go out through the postmaster account, which can sign in
+    reports = _dsns(relay)
+    assert len(reports) == 2
+    assert all("Status: 4.4.7" in r and "Diagnostic-Code: smtp; 535 5.7.3" in r for r in reports)
+
+
+async def test_smtp_auth_disabled_for_the_tenant_defers_with_the_fix(
+    make_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = await make_relay(
+        SandboxSettings(smtp_auth_enabled=False),
+        backoff=Backoff(base=3600, cap=3600, rng=random.Random(1)),
+    )
+    qid, _ = await relay.send(1)
+    await relay.until(lambda: _state_is(relay, qid, State.DEFERRED))
+    msg = await relay.queue.get(qid)
+    assert msg is not None and "535 5.7.139" in msg.last_reason
+    [alert] = _alerts(caplog)
+    assert "Set-TransportConfig -SmtpClientAuthenticationDisabled $false" in alert
+    assert not relay.failed

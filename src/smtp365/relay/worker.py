@@ -13,6 +13,7 @@ accepted                           ``complete`` with the upstream reply
 ``Action.FEWER_CONNECTIONS``       that connection closed, mailbox allowance lowered, short defer
 ``Action.PAUSE_MAILBOX``           mailbox paused until its window frees, ``defer`` to then
 ``Action.PAUSE_LONG``              mailbox paused ``pause_long``, alert logged, ``defer``
+account refused before MAIL FROM   mailbox paused (growing), ``ALERT`` logged, ``defer``
 ``Action.FIX`` (permanent)         ``fail`` with the reason and the DSN ``on_failed`` made
 a temporary outcome past the       ``fail`` (expired, ``Status: 4.4.7``) with its DSN
 maximum lifetime
@@ -48,7 +49,13 @@ from typing import Protocol
 
 from smtp365 import replies
 from smtp365.config import AccountSettings
-from smtp365.errors import MessageError, QueueContentLost, Smtp365Error, SubmissionRejected
+from smtp365.errors import (
+    AuthenticationRejected,
+    MessageError,
+    QueueContentLost,
+    Smtp365Error,
+    SubmissionRejected,
+)
 from smtp365.models import Envelope, Reply, Submission
 from smtp365.relay.backoff import Backoff
 from smtp365.relay.queue import Bounce, LedgerEntry, Pause, Queue, QueuedMessage, Sent
@@ -189,6 +196,7 @@ class Worker:
         self._pools: dict[str, ConnectionPool] = {}
         self._done: dict[str, set[str]] = {}  # queue id -> accepted in the current attempt
         self._ledger: dict[str, list[LedgerEntry]] = {}  # queue id -> for its queue change
+        self._refusals: dict[str, tuple[int, float]] = {}  # mailbox -> (refusals, paused to)
         self._changed = asyncio.Event()
         self._stopping = False
 
@@ -326,9 +334,13 @@ class Worker:
                 )
             except SubmissionRejected as exc:
                 # Rejected before MAIL FROM: nothing the server counts as a send.
-                counted = exc.stage not in ("connect", "ehlo", "auth")
+                refuses_the_account = _refuses_the_account(exc)
+                counted = exc.stage not in _BEFORE_MAIL and not refuses_the_account
                 if counted:
                     self._counted(msg.id, grant)
+                if refuses_the_account:
+                    return await self._account_refused(msg, mailbox, exc, _rejection(exc))
+                self._signed_in(mailbox)
                 action = self._action(exc)
                 keep = action is not Action.FEWER_CONNECTIONS
                 return await self._rejected(msg, mailbox, exc, action, grant)
@@ -341,12 +353,15 @@ class Worker:
                 why = f"{type(exc).__name__}: {exc.what}"
                 if getattr(exc, "possibly_delivered", False):  # lost between the dot and 250
                     why += "; may have been delivered; the retry can duplicate it"
+                if not exc.temporary:  # no connection will do until someone fixes it
+                    return await self._account_refused(msg, mailbox, exc, why)
                 return await self.defer(msg, why)
             else:
                 self._counted(msg.id, grant)
             finally:
                 self._release(grant, counted=counted)
                 await pool.put(transport, keep=keep, limit=self.limiter.concurrency(mailbox))
+            self._signed_in(mailbox)
             done.update(outcome.accepted)
             refused.update(outcome.refused)
             replies_seen.append(_reply_text(outcome.reply))
@@ -396,7 +411,7 @@ class Worker:
         reply = f"{exc.code} {exc.enhanced} {exc.text}".replace("  ", " ").strip()
         now = self.clock.monotonic()
         if action is Action.FIX or not exc.temporary:
-            return await self.fail(msg, f"{exc.stage} rejected: {reply}")
+            return await self.fail(msg, _rejection(exc))
         if action is Action.FEWER_CONNECTIONS:
             allowed = self.limiter.fewer_connections(mailbox)
             log.warning("%s: 432 from upstream, now %d connection(s): %s", mailbox, allowed, reply)
@@ -428,6 +443,38 @@ class Worker:
             )
             return await self.defer(msg, reply, delay=self.policy.pause_long)
         return await self.defer(msg, reply)
+
+    async def _account_refused(
+        self, msg: QueuedMessage, mailbox: str, exc: Smtp365Error, reason: str
+    ) -> Result:
+        """The account cannot sign in or submit (``535 5.7.3``, ``5.7.139``, ``530``, TLS or
+        credentials refused): a problem of the account, not of the message, so the message
+        waits (never failed for that; at its maximum lifetime it expires) while the mailbox
+        is paused, ``retry_base`` doubling per refusal up to ``retry_max``, with an alert
+        per pause (Postfix: ``smtp_sasl_auth_soft_bounce = yes``)."""
+        now = self.clock.monotonic()
+        refusals, until = self._refusals.get(mailbox, (0, 0.0))
+        if until <= now:  # not a delivery that ran into the same refusal at once
+            refusals += 1
+            until = now + self.backoff.ceiling(refusals)
+            self._refusals[mailbox] = (refusals, until)
+            # Not in the ledger: a relay restarted (after a fix, likely) tries again at once.
+            self.limiter.pause(mailbox, until, reason)
+            fix = f"; fix: {exc.fix}" if exc.fix else ""
+            log.error(
+                "ALERT %s cannot send: %s%s (its mail waits; paused for %.0f s, refusal %d)",
+                mailbox,
+                exc.what,
+                fix,
+                until - now,
+                refusals,
+            )
+        return await self.defer(msg, reason, delay=until - now)
+
+    def _signed_in(self, mailbox: str) -> None:
+        """The mailbox got past AUTH: its refusals (if any) are over."""
+        if self._refusals:
+            self._refusals.pop(mailbox, None)
 
     async def _defer_for_budget(self, msg: QueuedMessage, mailbox: str, recipients: int) -> Result:
         ready = self.limiter.earliest(mailbox, recipients)
@@ -532,6 +579,29 @@ class Worker:
         if bounce is not None:
             to = ", ".join(bounce.envelope.recipients)
             log.info("bounce %s for %s to %s", bounce.queue_id, msg.id, to)
+
+
+_BEFORE_MAIL = frozenset({"connect", "ehlo", "starttls", "auth"})
+"""Stages of a submission before this message's MAIL FROM: the session, not the message."""
+
+_ACCOUNT_REPLIES = frozenset({"not-authenticated", "basic-auth-retired"})
+"""Catalogue entries that refuse the account's sign-in whatever command they answer."""
+
+
+def _refuses_the_account(exc: SubmissionRejected) -> bool:
+    """A permanent refusal of the session or the sign-in, not of this message."""
+    if exc.temporary and (exc.entry is None or exc.entry.action is not Action.FIX):
+        return False  # e.g. 421 or 454 at the greeting or AUTH: back off and retry
+    return (
+        exc.stage in _BEFORE_MAIL
+        or isinstance(exc, AuthenticationRejected)
+        or (exc.entry is not None and exc.entry.key in _ACCOUNT_REPLIES)
+    )
+
+
+def _rejection(exc: SubmissionRejected) -> str:
+    reply = f"{exc.code} {exc.enhanced} {exc.text}".replace("  ", " ").strip()
+    return f"{exc.stage} rejected: {reply}"
 
 
 def _temporary(reply: Reply) -> bool:
