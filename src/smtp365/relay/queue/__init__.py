@@ -231,7 +231,9 @@ class Queue(Protocol):
         ...
 
     async def read(self, queue_id: str) -> bytes:
-        """The message content, byte-exact as enqueued."""
+        """The message content, byte-exact as enqueued. A message still to be delivered
+        whose content is missing (disk damage) raises
+        :class:`~smtp365.errors.QueueContentLost`: it can only be failed."""
         ...
 
     async def complete(
