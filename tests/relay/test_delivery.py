@@ -302,6 +302,38 @@ async def test_stop_finishes_in_flight_and_defers_waiting(make_relay: RelayFacto
     assert stats[State.DEFERRED] + stats[State.QUEUED] == 3
 
 
+async def test_new_mail_while_every_slot_is_busy_does_not_spin_the_scheduler(
+    make_relay: RelayFactory,
+) -> None:
+    """All deliveries in flight (here: waiting for the budget) and mail keeps arriving: the
+    scheduler waits for a slot instead of going round its loop for every wake."""
+    relay = await make_relay(
+        limits=Limits(messages_per_window=1, message_window=5.0), max_inflight=2
+    )
+    turns = 0
+    idle = relay.scheduler._idle
+
+    async def counted(timeout: float) -> None:
+        nonlocal turns
+        turns += 1
+        await idle(timeout)
+
+    relay.scheduler._idle = counted  # type: ignore[method-assign]
+    for i in range(3):  # one sent, two waiting for the window: both slots busy
+        await relay.send(i)
+    await relay.until(lambda: _true(len(relay.arrived()) == 1 and relay.scheduler.inflight == 2))
+    before = turns
+    for i in range(3, 8):  # each enqueue wakes the scheduler
+        await relay.send(i)
+        await asyncio.sleep(0.05)
+    # Before: thousands of turns in these 0.25 s (each wake left set); now one per wake.
+    assert turns - before <= 10, turns - before
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def test_432_lowers_concurrency_and_still_delivers(make_relay: RelayFactory) -> None:
     # The relay believes in 3 connections, the upstream allows 1: it must adapt.
     relay = await make_relay(

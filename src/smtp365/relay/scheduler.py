@@ -139,7 +139,10 @@ class Scheduler:
         while not self._stopping:
             free = self.max_inflight - len(self._tasks)
             if free <= 0:
-                await self._idle(self.poll_interval)  # a finished delivery sets _wake
+                # Nothing can be claimed until a delivery finishes (which sets _wake): a wake
+                # for new mail meanwhile must not turn this into a busy loop.
+                self._wake.clear()
+                await self._idle(self.poll_interval)
                 continue
             self._wake.clear()
             try:
