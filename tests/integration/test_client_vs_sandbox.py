@@ -288,3 +288,15 @@ async def test_content_arrives_byte_exact(
     assert len(stored) == 2
     for data in stored:
         assert data.endswith(arrives or content)
+
+
+async def test_a_non_ascii_recipient_goes_out_with_smtputf8(sandbox: Sandbox) -> None:
+    """RFC 6531: an internationalised address is sent as UTF-8, with MAIL ... SMTPUTF8."""
+    content = "Subject: grüße\r\n\r\nhallo\r\n".encode()
+    sub = Submission(Envelope(ALICE, ("jörg@bücher.example",)), content)
+    async with SmtpTransport(account_for(sandbox)) as transport:
+        outcome = await transport.submit(sub)
+    assert outcome.reply.code == 250
+    [stored] = sandbox.store.list()
+    assert stored.rcpt_tos == ["jörg@bücher.example"]
+    assert stored.smtputf8

@@ -69,6 +69,23 @@ async def test_plain_client_through_the_relay_reaches_the_sandbox(
         assert entry.account == "alice"
 
 
+async def test_an_internationalised_address_is_relayed_with_smtputf8(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """SMTPUTF8 from the device (RFC 6531) reaches Exchange Online as SMTPUTF8."""
+    rcpt = "jörg@bücher.example"
+
+    def send(port: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail(ALICE, [rcpt], body("grüße"), mail_options=["SMTPUTF8"])
+
+    async with RelayService(settings(sandbox, tmp_path / "relay")) as relay:
+        await asyncio.to_thread(send, relay.listeners[0].port)
+        await settled(relay)
+        [got] = sandbox.store.list()
+        assert got.rcpt_tos == [rcpt] and got.smtputf8
+
+
 async def test_authenticated_device_is_rewritten_to_the_mailbox(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:

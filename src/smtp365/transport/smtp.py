@@ -89,6 +89,26 @@ def make_tls_context(account: AccountSettings) -> ssl.SSLContext:
     return ctx
 
 
+async def _envelope_command(
+    smtp: aiosmtplib.SMTP, verb: bytes, address: str, options: list[str], *, utf8: bool
+) -> aiosmtplib.SMTPResponse:
+    """``MAIL FROM:<address>`` or ``RCPT TO:<address>``, raising aiosmtplib's refusal.
+
+    ``smtp.mail``/``smtp.rcpt`` re-parse every address with ``email.utils`` and encode it as
+    ASCII, so an internationalised address (RFC 6531) could not be sent at all; the address
+    was checked by :func:`check_address`, so it goes out as it is, in UTF-8 under SMTPUTF8.
+    """
+    path = b"<" + address.encode("utf-8" if utf8 else "ascii") + b">"
+    prefix = b"FROM:" if verb == b"MAIL" else b"TO:"
+    args = [option.encode("ascii") for option in options]
+    response = await smtp.execute_command(verb, prefix + path, *args)
+    if verb == b"MAIL" and response.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, address)
+    if verb == b"RCPT" and response.code not in (250, 251):
+        raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, address)
+    return response
+
+
 DATA_CHUNK = 256 * 1024
 # A connection idle for longer than this is checked with RSET before it carries the next
 # message (as Postfix checks a cached one): a server or a NAT box that dropped it silently
@@ -494,7 +514,7 @@ class SmtpTransport:
         if not submission.content.isascii() and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         try:
-            await smtp.mail(env.sender, options=options)
+            await _envelope_command(smtp, b"MAIL", env.sender, options, utf8=needs_utf8)
         except SMTPResponseException as exc:
             await self._rset()
             raise _rejected("mail", exc.code, exc.message) from None
@@ -512,7 +532,7 @@ class SmtpTransport:
         refused: dict[str, Reply] = {}
         for rcpt in env.recipients:
             try:
-                await smtp.rcpt(rcpt)
+                await _envelope_command(smtp, b"RCPT", rcpt, [], utf8=needs_utf8)
                 accepted.append(rcpt)
             except SMTPResponseException as exc:
                 refused[rcpt] = Reply.parse(exc.code, exc.message)
