@@ -16,7 +16,7 @@ from smtp365.errors import QueueContentLost, QueueError
 from smtp365.models import Envelope
 from smtp365.relay.queue import Bounce, Event, Ledger, Pause, Sent, State
 from smtp365.relay.queue.ids import IdGenerator, is_queue_id
-from smtp365.relay.queue.sqlite import SqliteQueue
+from smtp365.relay.queue.sqlite import SCHEMA_VERSION, SqliteQueue
 from tests.relay.conftest import FakeClock
 from tests.relay.queue_contract import ENVELOPE, LARGE
 
@@ -240,7 +240,28 @@ async def test_a_queue_of_schema_1_gains_the_ledger(root: Path, clock: FakeClock
         assert len(await queue.claim(1, 60)) == 1
         await queue.complete(qid, reply="250", ledger=[Sent("a@b.test", clock.now, 1)])
         assert (await queue.ledger(0)).sent == (Sent("a@b.test", clock.now, 1),)
-        assert await queue._read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 2
+        version = await queue._read(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
+        assert version == SCHEMA_VERSION
+    finally:
+        await queue.close()
+
+
+async def test_a_queue_of_schema_2_loses_the_state_index(root: Path, clock: FakeClock) -> None:
+    queue = await SqliteQueue.open(root, clock=clock)
+    qid = await queue.enqueue(ENVELOPE, SMALL)
+    await queue.close()
+    with sqlite3.connect(root / "queue.db") as conn:  # what schema 2 had
+        conn.executescript(
+            "CREATE INDEX messages_state ON messages(state, id); PRAGMA user_version = 2;"
+        )
+    conn.close()
+    queue = await SqliteQueue.open(root, clock=clock)
+    try:
+        indexes = await queue._read(
+            lambda c: [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")]
+        )
+        assert "messages_state" not in indexes
+        assert [m.id for m in await queue.list(State.QUEUED)] == [qid]
     finally:
         await queue.close()
 
