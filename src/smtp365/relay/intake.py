@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -343,6 +344,17 @@ class Intake:
         lines.append(f"\tid {queue_id}")
         if len(envelope.recipients) == 1:
             lines[-1] += f" for <{_clean(envelope.recipients[0])}>"
-        when = format_datetime(dt.datetime.now(dt.UTC))
         text = "\r\n".join(lines)
-        return f"{text};\r\n\t{when}\r\n".encode()
+        return f"{text};\r\n\t{_now_rfc5322()}\r\n".encode()
+
+
+_DATE: tuple[int, str] = (0, "")
+
+
+def _now_rfc5322() -> str:
+    """The current time for a ``Received:`` header, formatted once per second."""
+    global _DATE
+    second = int(time.time())
+    if _DATE[0] != second:
+        _DATE = (second, format_datetime(dt.datetime.fromtimestamp(second, dt.UTC)))
+    return _DATE[1]
