@@ -486,6 +486,11 @@ async def test_upstream_faults_lose_nothing_and_leave_nothing_stuck(
     assert stats.pending == 0 and stats[State.FAILED] == 0 and not relay.failed
     # Each fault that broke an attempt deferred it, and the retry delivered it.
     assert len(deferrals) == (0 if effect == SLOWED else fired)
+    # The budget (and its ledger) counts every submission the mailbox may have counted: the
+    # deliveries, and each attempt that got as far as DATA (refused there, or cut off once
+    # the whole message was sent: it may have been delivered).
+    counted_by_the_mailbox = fired if stage == "data" else 0
+    assert len((await relay.queue.ledger(0)).sent) == 6 + counted_by_the_mailbox
     if effect == DUPLICATED:
         # The mailbox had each of those messages when the connection failed: the retry
         # delivered it again, and the relay said it might.

@@ -353,6 +353,9 @@ class Worker:
                 why = f"{type(exc).__name__}: {exc.what}"
                 if getattr(exc, "possibly_delivered", False):  # lost between the dot and 250
                     why += "; may have been delivered; the retry can duplicate it"
+                    # The mailbox may have counted it: so does its budget (and the ledger).
+                    counted = True
+                    self._counted(msg.id, grant)
                 if not exc.temporary:  # no connection will do until someone fixes it
                     return await self._account_refused(msg, mailbox, exc, why)
                 return await self.defer(msg, why)
