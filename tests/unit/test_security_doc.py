@@ -41,6 +41,6 @@ def test_every_cited_test_exists(path: str, name: str | None) -> None:
     assert file.is_file(), f"docs/security.md cites {path}, which does not exist"
     if name is not None:
         source = file.read_text(encoding="utf-8")
-        assert re.search(rf"^(async )?def {name}\(", source, re.MULTILINE), (
+        assert re.search(rf"^\s*(async )?def {name}\(", source, re.MULTILINE), (
             f"docs/security.md cites {path}::{name}, which is not a test in that file"
         )
