@@ -622,21 +622,52 @@ async def test_stop_with_grace_lets_an_open_session_finish_its_message(
         writer.close()
 
 
-async def test_stop_tells_idle_sessions_at_once(make_relay: MakeRelay) -> None:
-    """An idle session does not hold the stop for the whole grace: it gets 421 and EOF."""
-    relay = await make_relay(networks=(LOCALHOST,))
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+@pytest.mark.parametrize("mode", ["plain", "starttls", "tls"])
+async def test_stop_tells_idle_sessions_at_once(make_relay: MakeRelay, mode: str) -> None:
+    """An idle session does not hold the stop for the whole grace: it gets 421 and is closed,
+    also over TLS when the client never reads again (so never answers the TLS close)."""
+    relay = await make_relay(mode=mode, networks=(LOCALHOST,))
+
+    def idle_client() -> smtplib.SMTP:
+        client = relay.connect()
+        client.ehlo("client.test")
+        if mode == "starttls":
+            client.starttls(context=relay.client_context())
+            client.ehlo("client.test")
+        return client  # and then it sits there, reading nothing
+
+    client = await asyncio.to_thread(idle_client)
     try:
-        assert (await _reply(reader)).startswith(b"220")
-        writer.write(b"EHLO client.test\r\n")
-        assert (await _reply(reader)).startswith(b"250")
-        stopping = asyncio.create_task(relay.listener.stop(grace=600))
-        rest = await asyncio.wait_for(reader.read(), 10)  # closed by the relay: EOF
-        assert rest == b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
-        await asyncio.wait_for(stopping, 10)  # not the 600 s grace
+        await asyncio.wait_for(relay.listener.stop(grace=600), 10)  # not the 600 s grace
         assert relay.listener.sessions == 0
+        code, text = await asyncio.to_thread(client.getreply)
+        assert (code, text) == (421, b"4.3.2 Service shutting down, closing transmission channel")
     finally:
-        writer.close()
+        client.close()
+
+
+async def test_a_tls_handshake_that_ends_after_the_stop_began_gets_421(
+    make_relay: MakeRelay,
+) -> None:
+    """Implicit TLS: the session starts when the handshake ends; if the stop began in
+    between, it is told 421 instead of being greeted."""
+    relay = await make_relay(mode="tls", networks=(LOCALHOST,))
+    [server] = relay.listener._servers
+    raw = socket.create_connection(("127.0.0.1", relay.port))
+    raw.setblocking(False)
+    deadline = asyncio.get_running_loop().time() + 10
+    while server._active_count == 0:  # type: ignore[attr-defined]  # accepted, no handshake
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    await relay.listener.stop(grace=0)
+    reader, writer = await asyncio.open_connection(
+        sock=raw, ssl=relay.client_context(), server_hostname=HOSTNAME
+    )
+    try:
+        told = await asyncio.wait_for(reader.readline(), 10)
+        assert told == b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
+    finally:
+        writer.transport.abort()
 
 
 async def test_stop_refuses_a_new_transaction_after_the_message(make_relay: MakeRelay) -> None:

@@ -73,7 +73,10 @@ def test_explicit_envelope_and_recipients(account: AccountSettings) -> None:
     assert b"From: alice@contoso.com" in sub.content
 
 
-@pytest.mark.parametrize("bad", ["bob@example.net\r\nRCPT TO:<evil@x>", "a\x00@b", "a\n@b"])
+@pytest.mark.parametrize(
+    "bad",
+    ["bob@example.net\r\nRCPT TO:<evil@x>", "a\x00@b", "a\n@b", "a\t@b", "a\x7f@b", "a@b> SIZE=1"],
+)
 def test_address_injection_refused(account: AccountSettings, bad: str) -> None:
     msg = build_message(to="bob@example.net", text="t")
     with pytest.raises(MessageError, match="CR, LF, NUL"):

@@ -229,12 +229,21 @@ class RelaySMTP(SMTP):
         return not self._in_command and not self._in_transaction()
 
     def _shut_down(self) -> None:
-        """``421`` and close (the relay is stopping)."""
+        """``421`` and close (the relay is stopping). A TLS close waits for the client's
+        close_notify (up to 30 s): one that never answers is cut off shortly after."""
         transport = self.transport
         if not self._closing and transport is not None and not transport.is_closing():
             with contextlib.suppress(Exception):
                 transport.write(SHUTDOWN_REPLY)  # type: ignore[attr-defined]
         self._close()
+        self.loop.call_later(STOP_LINGER, self._abort)
+
+    def _abort(self) -> None:
+        """Drop the connection now, TLS shutdown or not."""
+        self._closing = True
+        transport = self._original_transport or self.transport
+        if transport is not None:
+            transport.abort()  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ helpers
 
@@ -344,7 +353,9 @@ class RelaySMTP(SMTP):
             count = self._shared.clients.connect(ip)
             self._counted = ip
             limit = self._shared.config.limits.max_connections_per_client
-            if count > limit:
+            if self._shared.stopping:  # accepted (or its TLS handshake done) as stop began
+                self._shut_down()
+            elif count > limit:
                 log.warning("[%s] refused: more than %d connections at once", ip, limit)
                 self._closing = True
                 with contextlib.suppress(Exception):
@@ -948,7 +959,7 @@ class RelayListener:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._shared.drained.wait(), grace)
         for session in list(self._shared.sessions):
-            session._close()
+            session._abort()
         for server in servers:
             await server.wait_closed()
 

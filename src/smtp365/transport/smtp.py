@@ -61,11 +61,13 @@ _TLS_FLOOR = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
 def check_address(address: str, *, what: str = "address") -> str:
-    """Refuse CR, LF, NUL and angle brackets in an envelope address (command injection)."""
-    if any(c in address for c in "\r\n\x00<>"):
+    """Refuse control characters (CR, LF, NUL, tab ...) and angle brackets in an envelope
+    address (command injection; it goes out between < and >)."""
+    if any(c in address for c in "<>") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
         raise MessageError(
-            f"the {what} {address!r} contains CR, LF, NUL or angle brackets",
-            fix="remove the control characters: an address must be a single line",
+            f"the {what} {address!r} contains CR, LF, NUL, another control character or angle"
+            " brackets",
+            fix="remove them: an envelope address is a single line",
         )
     if not address.strip():
         raise MessageError(f"the {what} is empty", fix="give a full address, e.g. a@example.com")
@@ -305,6 +307,7 @@ class SmtpTransport:
             self._smtp = None
             raise
         self.connections_opened += 1
+        self._last_used = time.monotonic()
         log.debug(
             "connected to %s:%s (%s, %s) as %s",
             a.host,

@@ -116,9 +116,7 @@ log = logging.getLogger("smtp365.relay.queue")
 
 T = TypeVar("T")
 
-# 2: the sending ledger (sent, pauses); 3: no index on state (each state change paid for it,
-# only `queue list --state` used it). An older queue is brought up to date at open.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 2  # 2: the sending ledger (sent, pauses); a queue of 1 gains it at open
 DEFAULT_INLINE_MAX = 64 * 1024
 
 _SCHEMA = """
@@ -143,7 +141,6 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_due ON messages(next_attempt_at, id)
     WHERE state IN ('queued', 'deferred');
 CREATE INDEX IF NOT EXISTS messages_leases ON messages(lease_until) WHERE state = 'active';
-DROP INDEX IF EXISTS messages_state;
 CREATE INDEX IF NOT EXISTS messages_finished ON messages(finished_at)
     WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS bodies (id TEXT PRIMARY KEY, data BLOB NOT NULL);
@@ -420,6 +417,11 @@ class SqliteQueue:
                 f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
             _fsync_path(self.root, directory=True)  # the new queue.db and -wal entries
+        # An index on state made every claim and completion dearer, for one operator listing;
+        # queues made before it was dropped lose it here (readable either way).
+        old = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'messages_state'"
+        if conn.execute(old).fetchone() is not None:
+            conn.execute("DROP INDEX IF EXISTS messages_state")
         if exclusive:
             self.recovery = self._recover(conn)
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
