@@ -584,17 +584,23 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return lines
 
 
+async def _in_a_transaction(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A session that has sent EHLO and MAIL FROM (both accepted)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await _reply(reader)).startswith(b"220")
+    for command in (b"EHLO client.test", b"MAIL FROM:<app@corp.example>"):
+        writer.write(command + b"\r\n")
+        assert (await _reply(reader))[:1] == b"2"
+    return reader, writer
+
+
 async def test_stop_with_grace_lets_an_open_session_finish_its_message(
     make_relay: MakeRelay,
 ) -> None:
     relay = await make_relay(networks=(LOCALHOST,))
     port = relay.port
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await _in_a_transaction(port)
     try:
-        assert (await _reply(reader)).startswith(b"220")
-        for command in (b"EHLO client.test", b"MAIL FROM:<app@corp.example>"):
-            writer.write(command + b"\r\n")
-            assert (await _reply(reader))[:1] == b"2"
         writer.write(b"RCPT TO:<t@foreign.example>\r\n")
         assert (await _reply(reader))[:1] == b"2"
         writer.write(b"DATA\r\n")
@@ -673,12 +679,8 @@ async def test_a_tls_handshake_that_ends_after_the_stop_began_gets_421(
 async def test_stop_refuses_a_new_transaction_after_the_message(make_relay: MakeRelay) -> None:
     """While stopping, a session that finished its message gets 421 for the next one."""
     relay = await make_relay(networks=(LOCALHOST,))
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    reader, writer = await _in_a_transaction(relay.port)
     try:
-        assert (await _reply(reader)).startswith(b"220")
-        for command in (b"EHLO client.test", b"MAIL FROM:<app@corp.example>"):
-            writer.write(command + b"\r\n")
-            assert (await _reply(reader))[:1] == b"2"
         stopping = asyncio.create_task(relay.listener.stop(grace=600))
         await asyncio.sleep(0)
         writer.write(b"RCPT TO:<t@foreign.example>\r\nDATA\r\n")
@@ -697,12 +699,8 @@ async def test_stop_refuses_a_new_transaction_after_the_message(make_relay: Make
 
 async def test_stop_closes_sessions_still_open_after_the_grace(make_relay: MakeRelay) -> None:
     relay = await make_relay(networks=(LOCALHOST,))
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    reader, writer = await _in_a_transaction(relay.port)
     try:
-        assert (await _reply(reader)).startswith(b"220")
-        for command in (b"EHLO client.test", b"MAIL FROM:<app@corp.example>"):
-            writer.write(command + b"\r\n")
-            assert (await _reply(reader))[:1] == b"2"
         # In a transaction, but it never finishes: closed when the grace ends.
         await relay.listener.stop(grace=0.2)
         rest = await asyncio.wait_for(reader.read(), 10)  # closed by the relay: EOF

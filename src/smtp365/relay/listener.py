@@ -77,6 +77,9 @@ _BARE = re.compile(rb"\r\n|\r|\n")
 BACKLOG = 511
 # While stopping, a session whose transaction has ended gets this long for its QUIT.
 STOP_LINGER = 2.0
+# A closed TLS connection waits for the client's close_notify (up to 30 s): one that never
+# sends it is cut off after this long.
+CLOSE_TIMEOUT = 2.0
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
 
 
@@ -228,15 +231,14 @@ class RelaySMTP(SMTP):
         """Waiting for a command, outside a mail transaction."""
         return not self._in_command and not self._in_transaction()
 
-    def _shut_down(self) -> None:
-        """``421`` and close (the relay is stopping). A TLS close waits for the client's
-        close_notify (up to 30 s): one that never answers is cut off shortly after."""
+    def _shut_down(self, reply: bytes = SHUTDOWN_REPLY) -> None:
+        """A last reply (``421``), written straight to the transport, and close: the relay
+        is stopping, or the client is over a limit."""
         transport = self.transport
         if not self._closing and transport is not None and not transport.is_closing():
             with contextlib.suppress(Exception):
-                transport.write(SHUTDOWN_REPLY)  # type: ignore[attr-defined]
+                transport.write(reply)  # type: ignore[attr-defined]
         self._close()
-        self.loop.call_later(STOP_LINGER, self._abort)
 
     def _abort(self) -> None:
         """Drop the connection now, TLS shutdown or not."""
@@ -265,8 +267,7 @@ class RelaySMTP(SMTP):
             return
         self._fired = True
         log.info("[%s] session timed out", self.client_ip)
-        if self.transport is not None:
-            self.transport.close()
+        self._close()
 
     @property
     def client_ip(self) -> str:
@@ -309,6 +310,7 @@ class RelaySMTP(SMTP):
         self._closing = True
         if self.transport is not None:
             self.transport.close()
+            self.loop.call_later(CLOSE_TIMEOUT, self._abort)
 
     async def push(self, status: AnyStr) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
@@ -357,12 +359,7 @@ class RelaySMTP(SMTP):
                 self._shut_down()
             elif count > limit:
                 log.warning("[%s] refused: more than %d connections at once", ip, limit)
-                self._closing = True
-                with contextlib.suppress(Exception):
-                    transport.write(  # type: ignore[attr-defined]
-                        b"421 4.7.0 Error: too many connections from your address\r\n"
-                    )
-                transport.close()
+                self._shut_down(b"421 4.7.0 Error: too many connections from your address\r\n")
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._closed_once:
