@@ -186,7 +186,10 @@ async def test_routes_pick_the_account_by_client_network(sandbox: Sandbox, tmp_p
     assert (sent.mailbox, sent.mail_from) == (BOB, BOB)
 
 
-async def test_permanent_failure_bounces_to_the_sender(tmp_path: Path) -> None:
+async def test_permanent_failure_bounces_to_the_sender(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="smtp365.relay.worker")
     faults = FaultSettings(
         rcpt=FaultRule(reply="550 5.1.10 RESOLVER.ADR.RecipientNotFound", times=1)
     )
@@ -203,6 +206,7 @@ async def test_permanent_failure_bounces_to_the_sender(tmp_path: Path) -> None:
             assert "5.1.10" in failed.last_reason
             [bounce] = await relay.queue.list(State.DELIVERED)
             assert bounce.sender == "" and bounce.recipients == (ALICE,)
+            assert f"bounce {bounce.id} for {failed.id} to {ALICE}" in caplog.messages
         [dsn] = sb.store.list()
         assert dsn.rcpt_tos == [ALICE] and dsn.mail_from == ALICE
         report = email.message_from_bytes(sb.store.content(dsn.id), policy=email.policy.default)

@@ -375,30 +375,11 @@ class Bouncer:
         self.from_address = from_address
         self.reporting_mta = reporting_mta
         self.clock = clock
-        self.last_id: str | None = None  # queue id of the last report queued
 
     async def __call__(
         self, msg: QueuedMessage, reason: str, failed: tuple[str, ...]
     ) -> Bounce | None:
         return await self.build(msg, reason, failed)
-
-    async def bounce(self, msg: QueuedMessage, reason: str, failed: Sequence[str]) -> str | None:
-        """Build the report and queue it on its own; its queue id, ``None`` when none is
-        due. (The worker queues it with the failure instead.)"""
-        report = await self.build(msg, reason, failed)
-        if report is None:
-            return None
-        new_id = await self.queue.enqueue(
-            report.envelope,
-            report.content,
-            message_id=report.message_id,
-            account=report.account,
-            client=report.client,
-            queue_id=report.queue_id,
-        )
-        self.last_id = new_id
-        log.info("bounce %s for %s to %s", new_id, msg.id, _clean(msg.sender))
-        return new_id
 
     async def build(self, msg: QueuedMessage, reason: str, failed: Sequence[str]) -> Bounce | None:
         """The report on ``failed`` recipients of ``msg``; ``None`` when none is due."""
