@@ -411,7 +411,7 @@ class Worker:
         action: Action,
         grant: Grant,
     ) -> Result:
-        reply = f"{exc.code} {exc.enhanced} {exc.text}".replace("  ", " ").strip()
+        reply = _reply_of(exc)
         now = self.clock.monotonic()
         if action is Action.FIX or not exc.temporary:
             return await self.fail(msg, _rejection(exc))
@@ -602,9 +602,12 @@ def _refuses_the_account(exc: SubmissionRejected) -> bool:
     )
 
 
+def _reply_of(exc: SubmissionRejected) -> str:
+    return f"{exc.code} {exc.enhanced} {exc.text}".replace("  ", " ").strip()
+
+
 def _rejection(exc: SubmissionRejected) -> str:
-    reply = f"{exc.code} {exc.enhanced} {exc.text}".replace("  ", " ").strip()
-    return f"{exc.stage} rejected: {reply}"
+    return f"{exc.stage} rejected: {_reply_of(exc)}"
 
 
 def _temporary(reply: Reply) -> bool:
