@@ -23,6 +23,7 @@ class Reply:
         Multi-line replies arrive joined by newlines; the enhanced code of the
         first line is kept and repeated codes on the following lines dropped.
         """
+        message = shown(message)  # bytes of the reply that were not UTF-8, as \xNN
         lines = [line.strip() for line in message.replace("\r", "").split("\n") if line.strip()]
         enhanced = ""
         texts: list[str] = []
@@ -73,3 +74,31 @@ class DeliveryOutcome:
     def upstream_id(self) -> str:
         """The server's own reference, e.g. ``[Hostname=...]`` or the queue id after ``OK``."""
         return self.reply.text
+
+
+def undecodable(text: str) -> bool:
+    """Whether ``text`` holds lone surrogates: bytes that were not UTF-8, kept by a
+    ``surrogateescape`` decoding (aiosmtpd decodes command lines so). Such text cannot be
+    encoded as UTF-8, so it can never go out on the wire, into a file or a report."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def shown(text: str) -> str:
+    """``text`` fit to print, log or reply with: the bytes that were not UTF-8 written as
+    ``\\xNN`` (any other lone surrogate as ``\\uNNNN``), everything else as it is."""
+    if not undecodable(text):
+        return text
+    return "".join(
+        f"\\x{ord(c) - 0xDC00:02x}"
+        if 0xDC80 <= ord(c) <= 0xDCFF
+        else f"\\u{ord(c):04x}"
+        if 0xD800 <= ord(c) <= 0xDFFF
+        else c
+        for c in text
+    )

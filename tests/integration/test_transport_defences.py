@@ -7,11 +7,13 @@ from collections.abc import Callable
 
 import pytest
 
+from smtp365 import replies
 from smtp365.config import AccountSettings
 from smtp365.errors import (
     AuthenticationRejected,
     ConnectError,
     MessageError,
+    ProtocolError,
     StartTLSInjection,
     StartTLSUnavailable,
     SubmissionRejected,
@@ -231,6 +233,14 @@ async def test_catalogue_reply_becomes_the_right_exception(
 ) -> None:
     stage = _stage_for(line)
     script = Script(tls_context=server_context(), **{f"{stage}_reply": line})
+    if line.startswith("503"):  # a session out of step: never the message's fault
+        async with FakeSMTPServer(script) as server:
+            with pytest.raises(ProtocolError) as desync:
+                async with SmtpTransport(make_account(server.port)) as t:
+                    await t.submit(SUB)
+        assert desync.value.temporary and "out of sequence" in str(desync.value)
+        assert replies.by_key(key).fix in str(desync.value)
+        return
     async with FakeSMTPServer(script) as server:
         with pytest.raises(SubmissionRejected) as info:
             async with SmtpTransport(make_account(server.port)) as t:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from smtp365 import replies
 from smtp365.errors import QueueError
-from smtp365.models import Envelope, Reply
+from smtp365.models import Envelope, Reply, shown, undecodable
 from smtp365.relay.queue import Bounce, Queue, QueuedMessage, State
 
 __all__ = ["HEADERS_CAP", "Bouncer", "build_dsn", "diagnostic_of", "new_message_id", "status_of"]
@@ -70,8 +70,9 @@ _WORD_MAX = 900  # keeps every line under RFC 5322's 998 octets
 
 
 def _clean(text: str) -> str:
-    """One line: control characters (CR, LF, NUL, ...) become spaces, runs of space one."""
-    return " ".join(_CONTROL.sub(" ", text).split())
+    """One line: control characters (CR, LF, NUL, ...) become spaces, runs of space one,
+    bytes that were not UTF-8 ``\\xNN``."""
+    return " ".join(_CONTROL.sub(" ", shown(text)).split())
 
 
 def _ascii(text: str) -> str:
@@ -389,7 +390,11 @@ class Bouncer:
         if not failed:
             log.info("no bounce for %s: no failed recipient", msg.id)
             return None
-        if _CONTROL.search(msg.sender) or any(c in msg.sender for c in " <>"):
+        if (
+            _CONTROL.search(msg.sender)
+            or any(c in msg.sender for c in " <>")
+            or undecodable(msg.sender)
+        ):
             log.warning("no bounce for %s: unusable sender %r", msg.id, msg.sender)
             return None
         reason = await self._detailed(msg, reason)

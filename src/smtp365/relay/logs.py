@@ -15,6 +15,8 @@ import sys
 import time
 from typing import TextIO
 
+from smtp365.models import shown
+
 __all__ = ["JsonFormatter", "TextFormatter", "current", "setup"]
 
 
@@ -40,7 +42,7 @@ class TextFormatter(logging.Formatter):
         line += record.getMessage().replace("\n", " ")
         if record.exc_info:
             line += " | " + self.formatException(record.exc_info).replace("\n", " | ")
-        return line
+        return shown(line)  # bytes a client sent that were not UTF-8, as \xNN
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,12 +55,12 @@ class JsonFormatter(logging.Formatter):
             "time": _stamp(record.created),
             "level": record.levelname.lower(),
             "component": _component(record.name),
-            "message": record.getMessage(),
+            "message": shown(record.getMessage()),
         }
         if self.process:
             doc["process"] = self.process
         if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
+            doc["exception"] = shown(self.formatException(record.exc_info))
         return json.dumps(doc, ensure_ascii=False)
 
 

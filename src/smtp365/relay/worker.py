@@ -56,7 +56,7 @@ from smtp365.errors import (
     Smtp365Error,
     SubmissionRejected,
 )
-from smtp365.models import Envelope, Reply, Submission
+from smtp365.models import Envelope, Reply, Submission, shown, undecodable
 from smtp365.relay.backoff import Backoff
 from smtp365.relay.queue import Bounce, LedgerEntry, Pause, Queue, QueuedMessage, Sent
 from smtp365.relay.ratelimit import Grant, RateLimiter
@@ -304,7 +304,11 @@ class Worker:
         limits = self.limiter.limits(mailbox)
         size = max(1, min(self.policy.max_recipients_per_message, limits.recipients_per_window))
         replies_seen: list[str] = []
-        refused: dict[str, Reply] = {}
+        # Recipients no attempt can ever send (not valid UTF-8: queued by an older relay that
+        # let them in) are refused here, for good; the others still go.
+        refused: dict[str, Reply] = {r: _UNSENDABLE for r in remaining if undecodable(r)}
+        if refused:
+            remaining = [r for r in remaining if r not in refused]
         pool = self.pool(account_name)
         sender = account.sender or mailbox
         for chunk in _chunks(remaining, size):
@@ -345,7 +349,9 @@ class Worker:
                 keep = action is not Action.FEWER_CONNECTIONS
                 return await self._rejected(msg, mailbox, exc, action, grant)
             except MessageError as exc:
-                self._counted(msg.id, grant)
+                # Refused before anything was sent (an address that cannot be encoded, no
+                # SMTPUTF8 upstream): no attempt will ever send it, so it fails now, once.
+                counted = False
                 return await self.fail(msg, str(exc.what))
             except Smtp365Error as exc:  # network, TLS, token, config: not the message's fault
                 counted = False
@@ -359,6 +365,17 @@ class Worker:
                 if not exc.temporary:  # no connection will do until someone fixes it
                     return await self._account_refused(msg, mailbox, exc, why)
                 return await self.defer(msg, why)
+            except Exception as exc:
+                # A defect, not the message's or the upstream's doing: the connection is not
+                # reused, the upstream may have counted the attempt, the message backs off
+                # (and expires with its DSN) instead of sitting leased.
+                keep = False
+                self._counted(msg.id, grant)
+                log.exception("%s: delivery attempt failed unexpectedly", msg.id)
+                return await self.defer(msg, f"internal error: {type(exc).__name__}")
+            except BaseException:  # cancelled (the relay stops): the connection goes too
+                keep = False
+                raise
             else:
                 self._counted(msg.id, grant)
             finally:
@@ -381,11 +398,14 @@ class Worker:
         done = self._done.pop(msg.id, set())
         if permanent and not done:
             first = next(iter(permanent.values()))
-            return await self.fail(msg, f"all recipients refused: {_reply_text(first)}")
+            reason = f"all recipients refused: {_reply_text(first)}"
+            if first is _UNSENDABLE:  # the relay's own refusal: name the address
+                reason += f" (<{shown(next(iter(permanent)))}>)"
+            return await self.fail(msg, reason)
         reply = replies_seen[-1] if replies_seen else "250 nothing left to send"
         bounce = None
         if permanent:
-            reason = "; ".join(f"<{r}>: {_reply_text(rep)}" for r, rep in permanent.items())
+            reason = "; ".join(f"<{shown(r)}>: {_reply_text(rep)}" for r, rep in permanent.items())
             reply = f"{reply} (refused: {reason})"
             bounce = await self._report(msg, f"recipient refused: {reason}", tuple(permanent))
         if not await self.queue.complete(
@@ -520,7 +540,7 @@ class Worker:
         if await self.queue.defer(
             msg.id,
             until=until,
-            reason=reason,
+            reason=shown(reason),
             recipients=self._left(msg),
             ledger=self._ledger_of(msg.id),
             attempt=msg.attempts,
@@ -554,7 +574,7 @@ class Worker:
         bounce = await self._report(msg, reason, failed)
         if not await self.queue.fail(
             msg.id,
-            reason=reason,
+            reason=shown(reason),
             ledger=self._ledger_of(msg.id),
             attempt=msg.attempts,
             bounce=bounce,
@@ -583,6 +603,8 @@ class Worker:
             to = ", ".join(bounce.envelope.recipients)
             log.info("bounce %s for %s to %s", bounce.queue_id, msg.id, to)
 
+
+_UNSENDABLE = Reply(553, "5.1.3", "address is not valid UTF-8; refused by the relay, not sent")
 
 _BEFORE_MAIL = frozenset({"connect", "ehlo", "starttls", "auth"})
 """Stages of a submission before this message's MAIL FROM: the session, not the message."""

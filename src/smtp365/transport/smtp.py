@@ -53,7 +53,7 @@ from smtp365.errors import (
     TransportError,
     TransportTimeout,
 )
-from smtp365.models import DeliveryOutcome, Reply, Submission
+from smtp365.models import DeliveryOutcome, Reply, Submission, shown, undecodable
 
 log = logging.getLogger("smtp365.transport.smtp")
 
@@ -71,6 +71,12 @@ def check_address(address: str, *, what: str = "address") -> str:
         )
     if not address.strip():
         raise MessageError(f"the {what} is empty", fix="give a full address, e.g. a@example.com")
+    if undecodable(address):
+        raise MessageError(
+            f"the {what} {shown(address)} is not valid UTF-8: it cannot be sent",
+            fix="an envelope address is ASCII or, with SMTPUTF8, UTF-8 (RFC 6531); correct "
+            "the address where the message was written",
+        )
     return address
 
 
@@ -170,6 +176,12 @@ async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespons
     return response
 
 
+def _desync(code: int) -> bool:
+    """A reply to MAIL, RCPT or DATA that only a session out of step earns: ``503`` (bad
+    sequence of commands) or a positive reply where a refusal or 250 belongs."""
+    return code == 503 or code < 400 and code not in (250, 251, 354)
+
+
 def _rejected(
     stage: str,
     code: int,
@@ -225,6 +237,10 @@ class _StaleConnection(ConnectError):
     """The server closed the connection before MAIL FROM was answered: nothing was sent."""
 
 
+class _OutOfStep(ProtocolError):
+    """MAIL FROM was answered out of sequence (``503``): nothing was sent."""
+
+
 class SmtpTransport:
     """One SMTP connection to one account, reused for many messages.
 
@@ -246,6 +262,7 @@ class SmtpTransport:
         self._smtp: aiosmtplib.SMTP | None = None
         self._lock = asyncio.Lock()
         self._last_used = 0.0  # time.monotonic() when the connection last answered
+        self._open = False  # inside a mail transaction the server has not closed yet
         self.connections_opened = 0
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
@@ -474,7 +491,11 @@ class SmtpTransport:
     # -- submission ---------------------------------------------------------
 
     async def submit(self, submission: Submission) -> DeliveryOutcome:
-        """Send one message; raises only smtp365 errors."""
+        """Send one message; raises only smtp365 errors.
+
+        Whatever ends a transaction early (a refusal, a lost connection, an exception of any
+        kind, a cancellation), the connection carries no other message until the
+        transaction is over: ``RSET`` answered with 250, or the connection is closed."""
         env = submission.envelope
         check_address(env.sender, what="envelope sender") if env.sender else None
         for rcpt in env.recipients:
@@ -488,17 +509,36 @@ class SmtpTransport:
             await self._connect()
             try:
                 return await self._transaction(submission)
-            except _StaleConnection:
+            except (_StaleConnection, _OutOfStep):
                 if not reused:
                     raise
-                # The server closed an idle connection before MAIL FROM was
-                # answered: nothing was sent, so one fresh attempt is safe.
-                log.debug("reused connection was closed by the server; reconnecting")
+                # The server closed an idle connection (or answered out of sequence) before
+                # MAIL FROM was accepted: nothing was sent, so one fresh attempt is safe.
+                log.debug("reused connection was unusable before MAIL FROM; reconnecting")
                 self._drop()
                 await self._connect()
                 return await self._transaction(submission)
             finally:
                 self._last_used = time.monotonic()
+                if self._open:  # ended inside a transaction: never reused in that state
+                    self._drop()
+
+    def _out_of_sequence(self, stage: str, code: int, message: str) -> ProtocolError:
+        """A reply that belongs to a broken session, not to this message (``503 5.5.1 Sender
+        already specified``, a 2xx/3xx where a refusal or 250 belongs): the connection is
+        dropped, and the message is not to blame (temporary)."""
+        self._drop()
+        a = self.account
+        reply = Reply.parse(code, message)
+        entry = replies.lookup(reply)
+        explained = f"{entry.meaning}; {entry.fix}. " if entry is not None else ""
+        return ProtocolError(
+            f"{a.host}:{a.port} answered {stage.upper()} out of sequence: {reply}",
+            fix=f"{explained}The session was out of step with the server, not a fault of the "
+            "message: it goes again over a new connection (if this repeats, run "
+            "`smtp365 doctor`)",
+            temporary=True,
+        )
 
     async def _transaction(self, submission: Submission) -> DeliveryOutcome:
         smtp = self._smtp
@@ -516,9 +556,13 @@ class SmtpTransport:
             options.append("SMTPUTF8")
         if not submission.content.isascii() and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
+        self._open = True  # from MAIL FROM on, until DATA's 250 or RSET's
         try:
             await _envelope_command(smtp, b"MAIL", env.sender, options, utf8=needs_utf8)
         except SMTPResponseException as exc:
+            if _desync(exc.code):
+                desync = self._out_of_sequence("mail", exc.code, exc.message)
+                raise _OutOfStep(desync.what, fix=desync.fix, temporary=True) from None
             await self._rset()
             raise _rejected("mail", exc.code, exc.message) from None
         except (SMTPException, OSError) as exc:
@@ -538,6 +582,8 @@ class SmtpTransport:
                 await _envelope_command(smtp, b"RCPT", rcpt, [], utf8=needs_utf8)
                 accepted.append(rcpt)
             except SMTPResponseException as exc:
+                if _desync(exc.code):
+                    raise self._out_of_sequence("rcpt", exc.code, exc.message) from None
                 refused[rcpt] = Reply.parse(exc.code, exc.message)
             except (SMTPException, OSError) as exc:
                 self._drop()
@@ -550,6 +596,8 @@ class SmtpTransport:
         try:
             response = await _data(smtp, submission.content)
         except SMTPResponseException as exc:
+            if _desync(exc.code):
+                raise self._out_of_sequence("data", exc.code, exc.message) from None
             if exc.code == 421:
                 self._drop()
             else:
@@ -567,6 +615,7 @@ class SmtpTransport:
             # Before the final dot: the server cannot have accepted the message.
             self._drop()
             raise self._map(exc, "data") from None
+        self._open = False
         reply = Reply.parse(response.code, response.message)
         return DeliveryOutcome(
             reply=reply,
@@ -586,37 +635,48 @@ class SmtpTransport:
         check_address(recipient, what="recipient")
         async with self._lock:
             await self._connect()
-            smtp = self._smtp
-            assert smtp is not None
             try:
-                mail = await smtp.mail(sender)
-            except SMTPResponseException as exc:
-                await self._rset()
-                raise _rejected("mail", exc.code, exc.message) from None
-            except (SMTPException, OSError) as exc:
-                self._drop()
-                raise self._map(exc, "mail") from None
-            try:
-                rcpt = await smtp.rcpt(recipient)
-            except SMTPResponseException as exc:
-                await self._rset()
-                raise _rejected("rcpt", exc.code, exc.message, recipient=recipient) from None
-            except (SMTPException, OSError) as exc:
-                self._drop()
-                raise self._map(exc, "rcpt") from None
+                return await self._probe(sender, recipient)
+            finally:
+                if self._open:
+                    self._drop()
+
+    async def _probe(self, sender: str, recipient: str) -> tuple[Reply, Reply]:
+        smtp = self._smtp
+        assert smtp is not None
+        self._open = True
+        try:
+            mail = await smtp.mail(sender)
+        except SMTPResponseException as exc:
             await self._rset()
-            return Reply.parse(mail.code, mail.message), Reply.parse(rcpt.code, rcpt.message)
+            raise _rejected("mail", exc.code, exc.message) from None
+        except (SMTPException, OSError) as exc:
+            self._drop()
+            raise self._map(exc, "mail") from None
+        try:
+            rcpt = await smtp.rcpt(recipient)
+        except SMTPResponseException as exc:
+            await self._rset()
+            raise _rejected("rcpt", exc.code, exc.message, recipient=recipient) from None
+        except (SMTPException, OSError) as exc:
+            self._drop()
+            raise self._map(exc, "rcpt") from None
+        await self._rset()
+        return Reply.parse(mail.code, mail.message), Reply.parse(rcpt.code, rcpt.message)
 
     async def _rset(self) -> None:
         smtp = self._smtp
         if smtp is None or not smtp.is_connected:
             return
         try:
-            await smtp.rset()
+            await smtp.rset()  # raises for anything but 250
         except (SMTPException, OSError, TimeoutError):
             self._drop()
+        else:
+            self._open = False
 
     def _drop(self) -> None:
+        self._open = False
         if self._smtp is not None:
             self._smtp.close()
             self._smtp = None
