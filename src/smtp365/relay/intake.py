@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from smtp365.errors import MessageError
-from smtp365.models import Envelope
+from smtp365.models import Envelope, shown, undecodable
 from smtp365.relay.queue import Content, Queue
 
 __all__ = ["ClientInfo", "Draft", "Intake", "Route", "Router", "rewrite_headers"]
@@ -176,12 +176,21 @@ class Draft:
     def feed(self, data: bytes) -> None:
         """The next piece of content: one or more whole lines, each ending in CRLF."""
         if self._headers is not None:
-            self._headers += data
-            if (
-                self._headers.startswith(b"\r\n")
-                or b"\r\n\r\n" in self._headers
-                or len(self._headers) > self._intake.header_limit
-            ):
+            headers = self._headers
+            seen = len(headers)
+            headers += data
+            # The empty line that ends the header section (it may straddle two pieces).
+            end = 0 if headers.startswith(b"\r\n") else headers.find(b"\r\n\r\n", max(0, seen - 3))
+            limit = self._intake.header_limit
+            if (end if end >= 0 else len(headers)) > limit:
+                # Every header field must pass the policy (the sender rewrite): a section
+                # larger than the limit is refused, never forwarded partly unseen.
+                self._headers = None
+                raise MessageError(
+                    f"Message header section exceeds fixed maximum size ({limit} octets)",
+                    fix="send fewer or shorter header fields",
+                )
+            if end >= 0:
                 self._flush_head()
             return
         self._write(data)
@@ -326,6 +335,8 @@ class Intake:
         for addr in (envelope.sender, *envelope.recipients):
             if _BAD_ADDR.search(addr):
                 raise MessageError(f"invalid characters in envelope address {addr!r}")
+            if undecodable(addr):
+                raise MessageError(f"envelope address {shown(addr)} is not valid UTF-8")
         for rcpt in envelope.recipients:
             if "@" not in rcpt:
                 raise MessageError(f"recipient {rcpt!r} is not a fully qualified address")

@@ -52,7 +52,7 @@ from typing import Any, AnyStr, Literal
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtp365.errors import ConfigError, MessageError, QueueError
-from smtp365.models import Envelope
+from smtp365.models import Envelope, shown
 from smtp365.relay.clients import ClientTable
 from smtp365.relay.intake import ClientInfo, Draft, Intake
 from smtp365.relay.policy import ClientIdentity, RelayPolicy, split_path
@@ -72,6 +72,7 @@ log = logging.getLogger("smtp365.relay.listener")
 
 Mode = Literal["plain", "starttls", "tls"]
 _BARE = re.compile(rb"\r\n|\r|\n")
+_DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²" and "①"
 # Connections the kernel holds for us while the loop is busy: a burst of devices (or
 # smtp-source's 50 sessions) must not see dropped SYNs and a 1 s retransmit each.
 BACKLOG = 511
@@ -313,12 +314,17 @@ class RelaySMTP(SMTP):
             self.loop.call_later(CLOSE_TIMEOUT, self._abort)
 
     async def push(self, status: AnyStr) -> None:
-        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        out: str | bytes
+        if isinstance(status, str):
+            # A reply may quote what the client sent: bytes that were not UTF-8 go out as \xNN.
+            out = text = shown(status)
+        else:
+            out, text = status, status.decode("utf-8", "replace")
         if self._closing or self.transport is None or self.transport.is_closing():
             return
         if text.startswith("220 ") and not self._greeted:
             self._greeted = True
-        await super().push(status)
+        await super().push(out)
         if text.startswith('500 Error: command "'):  # aiosmtpd's reply to an unknown verb
             self._unknown += 1
             if self._unknown >= self._shared.config.limits.unknown_command_limit:
@@ -629,8 +635,14 @@ class RelaySMTP(SMTP):
             return
         for param in params.split():
             key, _, value = param.partition("=")
+            if not param.isascii():  # RFC 5321 §4.1.2: esmtp-keyword and value are ASCII
+                await self.push("501 5.5.4 Syntax error in MAIL parameters (not ASCII)")
+                return
             key = key.upper()
-            if key == "SIZE" and value.isdigit():
+            if key == "SIZE":
+                if not _DIGITS.fullmatch(value):
+                    await self.push("501 5.5.4 Syntax error in parameter SIZE (digits only)")
+                    return
                 if int(value) > self._shared.config.limits.max_message_size:
                     await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
                     return
@@ -785,6 +797,8 @@ class RelaySMTP(SMTP):
                         draft.feed(content)
                     except OSError as exc:  # the disk filled up: read on to the end of data
                         problem = _write_error(self.client_ip, exc)
+                    except MessageError as exc:  # the header section is too large
+                        problem = f"552 5.3.4 {exc.what}"
             if end >= 0:
                 return problem
 

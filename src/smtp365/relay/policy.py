@@ -18,6 +18,7 @@ import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
+from smtp365.models import undecodable
 from smtp365.relay.users import sender_allowed
 
 __all__ = [
@@ -31,12 +32,13 @@ __all__ = [
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
+# Non-ASCII text (RFC 6531) without the surrogates: a lone one stands for a byte that was not
+# UTF-8 (aiosmtpd decodes command lines with surrogateescape) and is never part of an address.
+_U8 = r"\u0080-\ud7ff\ue000-\U0010ffff"
+_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\-{_U8}]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(\.{_ATEXT}+)*")
-_QUOTED = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*)"')
-_LABEL = (
-    r"[A-Za-z0-9\u0080-\U0010ffff]([A-Za-z0-9\-\u0080-\U0010ffff]*[A-Za-z0-9\u0080-\U0010ffff])?"
-)
+_QUOTED = re.compile(rf'"((?:[\x20\x21\x23-\x5b\x5d-\x7e{_U8}]|\\[\x20-\x7e])*)"')
+_LABEL = rf"[A-Za-z0-9{_U8}]([A-Za-z0-9\-{_U8}]*[A-Za-z0-9{_U8}])?"
 _DOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 _LITERAL = re.compile(r"\[(IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]")
 
@@ -196,8 +198,12 @@ class RelayPolicy:
         if path.startswith("@"):
             return "553 5.1.7 Source routes are not accepted in the sender address"
         if path:
+            if undecodable(path):
+                return "553 5.1.7 Bad sender address syntax: it is not valid UTF-8"
             addr = parse_address(path, utf8=utf8)
             if addr is None:
+                if not utf8 and not path.isascii():
+                    return "553 5.1.7 Bad sender address syntax: 8-bit address without SMTPUTF8"
                 return "501 5.1.7 Bad sender address syntax"
             if "%" in addr.local_text or "!" in addr.local_text or "@" in addr.local_text:
                 return "553 5.1.7 Routing characters (%, !, @) are not accepted in the sender"
@@ -214,6 +220,8 @@ class RelayPolicy:
         self, identity: ClientIdentity | None, path: str, *, utf8: bool = False
     ) -> str | None:
         """The reply refusing ``RCPT TO:<path>``, or ``None`` when it may be relayed."""
+        if undecodable(path):  # never echoed: the reply could not carry it
+            return "553 5.1.3 Bad recipient address syntax: it is not valid UTF-8"
         shown = path.replace("\r", "").replace("\n", "")[:320]
         if identity is None:
             return f"554 5.7.1 <{shown}>: Relay access denied"
@@ -226,6 +234,8 @@ class RelayPolicy:
         if "%" in local or "!" in local or (addr is None and ("!" in path or "%" in path)):
             return f"553 5.7.1 <{shown}>: % and ! routing forms are not accepted"
         if addr is None:
+            if not utf8 and not path.isascii():
+                return f"553 5.1.3 <{shown}>: 8-bit recipient address without SMTPUTF8"
             return f"501 5.1.3 <{shown}>: Bad recipient address syntax"
         if "@" in local:
             return f"553 5.7.1 <{shown}>: Quoted local parts containing @ are not accepted"
