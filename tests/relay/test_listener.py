@@ -138,6 +138,33 @@ async def test_open_relay_matrix_unauthorised_client(make_relay: MakeRelay) -> N
     assert await relay.queue.list() == []
 
 
+def _scan(port: int, cases: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
+    """An open-relay scanner as nmap's smtp-open-relay is: one ``recv`` per command, the
+    first line of what came taken as the reply. A reply split over several segments puts it
+    out of step, and a later ``250-...`` line read as a RCPT's reply says "open relay"."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.recv(4096)  # greeting
+        sock.sendall(b"EHLO scanner.example\r\n")
+        sock.recv(4096)
+        for sender, rcpt in cases:
+            for line in (f"MAIL FROM:<{sender}>", f"RCPT TO:<{rcpt}>", "RSET"):
+                sock.sendall(line.encode() + b"\r\n")
+                reply = sock.recv(4096)
+                if line.startswith("RCPT"):
+                    out.append((rcpt, reply.split(b"\r\n")[0]))
+    return out
+
+
+async def test_a_scanner_reading_one_segment_per_command_sees_a_closed_relay(
+    make_relay: MakeRelay,
+) -> None:
+    relay = await make_relay(networks=(NetworkRule.parse("192.0.2.0/24"),))
+    for i in range(0, len(MATRIX), 5):  # under the hard error limit
+        for rcpt, first in await asyncio.to_thread(_scan, relay.port, MATRIX[i : i + 5]):
+            assert first[:1] == b"5", (rcpt, first)  # never a 250 taken for the RCPT's
+
+
 ROUTING_FORMS = [
     f"t%{D}@[{IP}]",
     f"t%{D}@{S}",
