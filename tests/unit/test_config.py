@@ -186,6 +186,16 @@ def test_environment_beats_file(write: Write, env: dict[str, str]) -> None:
     assert acc.raw.token_env == "MAIN_TOKEN"
 
 
+def test_an_empty_variable_means_unset(write: Write, env: dict[str, str]) -> None:
+    settings = load(
+        write(LAYERED),
+        env={**env, "SMTP365_CA_FILE": "", "SMTP365_HOST": " ", "SMTP365_ACCOUNT": ""},
+    )
+    acc = settings.account()
+    assert acc.ca_file is None  # not the path "."
+    assert acc.host == "file.example.com"
+
+
 def test_overrides_beat_environment_and_none_is_ignored(write: Write, env: dict[str, str]) -> None:
     settings = load(
         write(LAYERED),

@@ -58,7 +58,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or name in _GLOBAL_ENV:
             continue
         key = name[len(ENV_PREFIX) :].lower()
-        if key in keys:
+        if key in keys and value.strip():  # an empty variable means "unset" (CA_FILE= is not ".")
             out[key] = value
     return out
 
