@@ -17,6 +17,7 @@ from smtp365.cli import (
     relay_cmd,
     sandbox_cmd,
 )
+from smtp365.cli.output import clean
 from smtp365.cli.send import send, sendmail, sendmail_main
 
 app = typer.Typer(
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # last resort: one clear line, never a traceback for users
         sys.stderr.write(
-            f"smtp365: internal error: {type(exc).__name__}: {exc}\n"
+            f"smtp365: internal error: {clean(f'{type(exc).__name__}: {exc}')}\n"
             "  this is a bug in smtp365; please report it with the command you ran\n"
         )
         return exitcodes.SOFTWARE

@@ -8,7 +8,7 @@ import typer
 
 from smtp365.auth.msal_provider import MsalTokenProvider, describe
 from smtp365.cli import exitcodes
-from smtp365.cli.output import die, err, fail, out, print_json
+from smtp365.cli.output import die, fail, print_json, say, tell
 from smtp365.cli.send import AccountOpt, ConfigOpt
 from smtp365.config import AccountSettings, AuthMethod, Flow, load
 from smtp365.config.loader import has_display
@@ -62,22 +62,23 @@ def _summary(provider: MsalTokenProvider, token_info: dict[str, Any]) -> dict[st
 
 def _print_summary(data: dict[str, Any]) -> None:
     tok = data["token"]
-    out.print(f"account      {data['account']} ({data['flow']}, {data['target']})")
-    out.print(f"authority    {data['authority']}  client_id {data['client_id']}")
-    out.print(f"token cache  {data['token_cache']}")
+    say(f"account      {data['account']} ({data['flow']}, {data['target']})")
+    say(f"authority    {data['authority']}  client_id {data['client_id']}")
+    say(f"token cache  {data['token_cache']}")
     if not tok.get("jwt"):
-        out.print("token        opaque (not a JWT): claims cannot be checked")
+        say("token        opaque (not a JWT): claims cannot be checked")
         return
     kind = "roles" if tok["app_only"] else "scp"
-    out.print(f"token        for {tok['user'] or 'the app'}, aud {tok['audience']}")
-    out.print(f"             {kind}: {', '.join(tok['permissions']) or '-'}")
-    out.print(f"             expires in {tok['expires_in']} s (source: {tok['source']})")
+    say(f"token        for {tok['user'] or 'the app'}, aud {tok['audience']}")
+    say(f"             {kind}: {', '.join(tok['permissions']) or '-'}")
+    say(f"             expires in {tok['expires_in']} s (source: {tok['source']})")
     if tok["ok"]:
-        out.print("claims check [green]OK[/]")
+        say("claims check ", ("OK", "green"))
     for p in tok["problems"]:
-        out.print(f"claims check [bold red]FAIL[/] {p['what']}\n             fix: {p['fix']}")
+        say("claims check ", ("FAIL", "bold red"), f" {p['what']}")
+        say(f"             fix: {p['fix']}")
     for w in tok["warnings"]:
-        out.print(f"[yellow]warning[/]      {w}")
+        say(("warning", "yellow"), f"      {w}")
 
 
 @app.command("login")
@@ -101,10 +102,10 @@ def login(
         elif browser or (not device_code and (acc.flow is Flow.INTERACTIVE or has_display())):
             token = provider.login_interactive()
         else:
-            token = provider.login_device_code(lambda message: err.print(message, markup=False))
+            token = provider.login_device_code(lambda message: tell(message, multiline=True))
     except Smtp365Error as exc:
         fail(exc)
-    out.print("[green]signed in[/]")
+    say(("signed in", "green"))
     _print_summary(_summary(provider, describe(token, provider.target, acc.username)))
 
 
@@ -143,9 +144,10 @@ def token(
         tok = provider.get_token_sync()
     except Smtp365Error as exc:
         fail(exc)
-    err.print(
-        "[yellow]warning:[/] this is a bearer token: anyone holding it can send as "
-        f"{provider.account.username or 'the app'} until it expires; do not log or share it"
+    tell(
+        ("warning:", "yellow"),
+        " this is a bearer token: anyone holding it can send as "
+        f"{provider.account.username or 'the app'} until it expires; do not log or share it",
     )
     typer.echo(tok.token)
 
@@ -155,4 +157,4 @@ def logout(config: ConfigOpt = None, account: AccountOpt = None) -> None:
     """Forget this account's tokens (deletes its token cache)."""
     provider = _provider(config, account)
     removed = provider.logout()
-    out.print(f"removed {provider.account.token_cache}" if removed else "no tokens were cached")
+    say(f"removed {provider.account.token_cache}" if removed else "no tokens were cached")

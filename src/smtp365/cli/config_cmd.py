@@ -7,14 +7,14 @@ from typing import Annotated, Any
 import typer
 
 from smtp365.cli import exitcodes
-from smtp365.cli.output import fail, out, print_json
+from smtp365.cli.output import Part, fail, print_json, say
 from smtp365.cli.send import AccountOpt, ConfigOpt, HostOpt, PortOpt, UserOpt, flag_overrides
 from smtp365.config import Level, check, load
 from smtp365.errors import ConfigError
 
 app = typer.Typer(help="Validate and show the configuration.", no_args_is_help=True)
 
-_MARK = {Level.ERROR: "[bold red]ERROR[/]", Level.WARNING: "[yellow]WARN [/]"}
+_MARK: dict[Level, Part] = {Level.ERROR: ("ERROR", "bold red"), Level.WARNING: ("WARN ", "yellow")}
 
 
 @app.command("check")
@@ -44,13 +44,13 @@ def check_cmd(
             }
         )
     else:
-        out.print(f"account [bold]{name}[/] from {settings.source}")
+        say("account ", (name, "bold"), f" from {settings.source}")
         if not findings:
-            out.print("[green]OK[/]  no problems found")
+            say(("OK", "green"), "  no problems found")
         for f in findings:
-            out.print(f"{_MARK[f.level]} {f.what}  [dim]({f.code})[/]")
-            out.print(f"       why: {f.why}")
-            out.print(f"       fix: {f.fix}")
+            say(_MARK[f.level], f" {f.what}  ", (f"({f.code})", "dim"))
+            say(f"       why: {f.why}")
+            say(f"       fix: {f.fix}")
     raise typer.Exit(exitcodes.CONFIG if errors else exitcodes.OK)
 
 
@@ -98,4 +98,4 @@ def show_cmd(
         print_json(data)
     else:
         for key, value in data.items():
-            out.print(f"{key:16} {value if value is not None else '-'}")
+            say(f"{key:16} {value if value is not None else '-'}")

@@ -8,9 +8,8 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
-from smtp365.cli.output import fail, out, print_json
+from smtp365.cli.output import Part, fail, print_json, say
 from smtp365.cli.send import AccountOpt, ConfigOpt
 from smtp365.config import load
 from smtp365.doctor import Report, Status, check_domain, run_doctor
@@ -20,11 +19,11 @@ app = typer.Typer(
     help="Find out why mail does not leave, and how to fix it.", invoke_without_command=True
 )
 
-_STYLE = {
-    Status.PASS: "[green]PASS[/]",
-    Status.WARN: "[yellow]WARN[/]",
-    Status.FAIL: "[bold red]FAIL[/]",
-    Status.SKIP: "[dim]SKIP[/]",
+_STYLE: dict[Status, Part] = {
+    Status.PASS: ("PASS", "green"),
+    Status.WARN: ("WARN", "yellow"),
+    Status.FAIL: ("FAIL", "bold red"),
+    Status.SKIP: ("SKIP", "dim"),
 }
 
 
@@ -56,20 +55,21 @@ def render(report: Report, fmt: Format) -> None:
         print_json(report.to_json())
         return
     if fmt is Format.MARKDOWN:
-        out.print(report.to_markdown(), markup=False, end="")
+        say(report.to_markdown(), multiline=True, end="")
         return
-    out.print(f"smtp365 doctor: account [bold]{report.account}[/] ({report.host}:{report.port})")
+    say("smtp365 doctor: account ", (report.account, "bold"), f" ({report.host}:{report.port})")
     for r in report.results:
-        timing = f" [dim]{r.elapsed_ms:.0f} ms[/]" if r.elapsed_ms >= 1 else ""
-        out.print(f"{_STYLE[r.status]}  {escape(r.title)}: {escape(r.detail)}{timing}")
+        timing: list[Part] = [" ", (f"{r.elapsed_ms:.0f} ms", "dim")] if r.elapsed_ms >= 1 else []
+        # details and fixes can span lines (e.g. the DNS records to publish)
+        say(_STYLE[r.status], f"  {r.title}: {r.detail}", *timing, multiline=True)
         if r.status in (Status.FAIL, Status.WARN):
             if r.why:
-                out.print(f"        why: {escape(r.why)}")
+                say(f"        why: {r.why}", multiline=True)
             if r.fix:
-                out.print(f"        [bold]fix:[/] {escape(r.fix)}")
+                say("        ", ("fix:", "bold"), f" {r.fix}", multiline=True)
     counts = ", ".join(f"{n} {k}" for k, n in report.counts().items() if n)
-    verdict = "[green]OK[/]" if report.ok else "[bold red]problems found[/]"
-    out.print(f"{verdict} ({counts}) in {report.elapsed_ms / 1000:.2f} s")
+    verdict: Part = ("OK", "green") if report.ok else ("problems found", "bold red")
+    say(verdict, f" ({counts}) in {report.elapsed_ms / 1000:.2f} s")
 
 
 @app.callback()

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.markup import escape
 
 from smtp365.cli import exitcodes
-from smtp365.cli.output import die, err, fail, out, print_json
+from smtp365.cli.output import clean, die, fail, print_json, say, tell
 from smtp365.cli.send import ConfigOpt
 from smtp365.config import load
 from smtp365.errors import QueueError, Smtp365Error
@@ -253,13 +252,14 @@ def _header_section(data: bytes) -> str:
 
 
 def _print_table(rows: list[list[str]], right: frozenset[int] = frozenset()) -> None:
+    rows = [[clean(cell) for cell in row] for row in rows]  # as shown, for the widths
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [
             cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
             for i, cell in enumerate(row)
         ]
-        out.print("  ".join(cells).rstrip(), markup=False)
+        say("  ".join(cells).rstrip())
 
 
 # ---------------------------------------------------------------------------- list
@@ -317,7 +317,7 @@ def list_cmd(
         return
     if not messages:
         what = "messages" if wanted is None else "/".join(s.value for s in wanted) + " messages"
-        out.print(f"no {what} in {where.root}", markup=False)
+        say(f"no {what} in {where.root}")
         return
     rows = [["ID", "STATE", "ATT", "AGE", "SIZE", "SENDER", "RECIPIENTS", "NEXT / LAST REASON"]]
     for msg in messages:
@@ -335,7 +335,7 @@ def list_cmd(
         )
     _print_table(rows, right=frozenset({2, 3, 4}))
     if limit is not None and len(messages) == limit:
-        out.print(f"(first {limit} shown; raise --limit for more)", markup=False)
+        say(f"(first {limit} shown; raise --limit for more)")
 
 
 # ---------------------------------------------------------------------------- show
@@ -418,19 +418,19 @@ def show(
         ("content", stored),
     ]
     for key, value in fields:
-        out.print(f"{key:13} {value}", markup=False)
-    out.print("history:" if history else "history:     (none yet)", markup=False)
+        say(f"{key:13} {value}")
+    say("history:" if history else "history:     (none yet)")
     for entry in history:
         took = f"{entry.duration:.1f}s" if entry.duration is not None else ""
         line = f"  {_time(entry.at)}  {entry.event.value:9}  attempt {entry.attempt:<3} {took:>7}"
-        out.print(f"{line}  {entry.detail}".rstrip(), markup=False)
+        say(f"{line}  {entry.detail}".rstrip())
     if content:
         if headers is None:
-            out.print("headers:      (the content is gone)", markup=False)
+            say("headers:      (the content is gone)")
         else:
-            out.print("headers:", markup=False)
+            say("headers:")
             for header in headers.splitlines():
-                out.print(f"  | {header}", markup=False)
+                say(f"  | {header}")
 
 
 # ---------------------------------------------------------------------------- operator acts
@@ -490,22 +490,21 @@ def _act(
         )
         return
     for warning in warnings:
-        err.print(f"[yellow]smtp365: warning:[/] {escape(warning)}")
+        tell(("smtp365: warning:", "yellow"), f" {warning}")
     if action == "deleted" and before is not None:
-        out.print(
+        say(
             f"deleted {before.id} ({before.state}, {before.attempts} attempt(s), "
             f"{_size(before.size)}, from <{before.sender}> to {_recipients(before)}, "
-            f"received {_relative(before.received_at, now)})",
-            markup=False,
+            f"received {_relative(before.received_at, now)})"
         )
         return
     was = before.state.value if before else "?"
     now_state = after.state.value if after else "?"
     if action == "held" and was == State.HELD:
-        out.print(f"{queue_id} was already held", markup=False)
+        say(f"{queue_id} was already held")
         return
     due = " and due now" if after and after.state in (State.QUEUED, State.DEFERRED) else ""
-    out.print(f"{action} {queue_id}: {was} -> {now_state}{due}", markup=False)
+    say(f"{action} {queue_id}: {was} -> {now_state}{due}")
 
 
 async def _retry(queue: SqliteQueue, queue_id: str) -> None:
@@ -572,13 +571,13 @@ def retry(
         )
         return
     for queue_id in done:
-        out.print(f"retried {queue_id}", markup=False)
+        say(f"retried {queue_id}")
     for queue_id, reason in skipped:
-        out.print(f"skipped {queue_id}: {reason}", markup=False)
+        say(f"skipped {queue_id}: {reason}")
     if not done and not skipped:
-        out.print(f"no deferred messages in {where.root}", markup=False)
+        say(f"no deferred messages in {where.root}")
     else:
-        out.print(f"{len(done)} deferred message(s) due now", markup=False)
+        say(f"{len(done)} deferred message(s) due now")
 
 
 @app.command("hold")
@@ -648,10 +647,10 @@ def stats(
             }
         )
         return
-    out.print(f"queue      {where.root}", markup=False)
+    say(f"queue      {where.root}")
     for s in State:
-        out.print(f"{s.value:10} {result[s]:>6}", markup=False)
+        say(f"{s.value:10} {result[s]:>6}")
     line = f"pending    {result.pending:>6} message(s), {_size(result.pending_bytes)}"
     if oldest is not None:
         line += f"; oldest received {_time(oldest)} ({_span(now - oldest)} ago)"
-    out.print(line, markup=False)
+    say(line)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from smtp365.cli import exitcodes
-from smtp365.cli.output import die, fail, out, print_json
+from smtp365.cli.output import die, fail, print_json, say
 from smtp365.cli.send import ConfigOpt
 from smtp365.config import Settings, load
 from smtp365.errors import Smtp365Error
@@ -134,7 +134,7 @@ def passwd(
                     fix="see them with: smtp365 relay users",
                     code=exitcodes.DATAERR,
                 )
-            out.print(f"removed relay user {user} from {db.path}")
+            say(f"removed relay user {user} from {db.path}")
             return
         current = db.get(user)
         senders = sender if sender else (current.senders if current else ())
@@ -143,7 +143,7 @@ def passwd(
         fail(exc)
     action = "password changed for" if current else "created relay user"
     shown = ", ".join(senders) if senders else "none: add --sender ADDRESS to let it send"
-    out.print(f"{action} {user} in {db.path} (may send as: {shown})")
+    say(f"{action} {user} in {db.path} (may send as: {shown})")
 
 
 @app.command("users")
@@ -159,6 +159,6 @@ def users(
         print_json(rows)
         return
     if not rows:
-        out.print(f"no relay users in {db.path}; add one: smtp365 relay passwd USER -s ADDRESS")
+        say(f"no relay users in {db.path}; add one: smtp365 relay passwd USER -s ADDRESS")
     for row in rows:
-        out.print(f"{row['user']}: {', '.join(row['senders']) or '(no senders)'}")
+        say(f"{row['user']}: {', '.join(row['senders']) or '(no senders)'}")

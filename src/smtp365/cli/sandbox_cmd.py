@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from smtp365 import sandbox
-from smtp365.cli.output import die, fail, out, print_json
+from smtp365.cli.output import die, fail, print_json, say
 from smtp365.config import Settings
 from smtp365.errors import Smtp365Error
 from smtp365.relay import logs
@@ -66,15 +66,15 @@ def run_sandbox(
         settings = settings.model_copy(update={"smtp_port": port})
 
     def ready(sb: sandbox.Sandbox) -> None:
-        out.print(
-            f"sandbox ready: SMTP on {sb.smtp_host}:{sb.smtp_port} (STARTTLS, CA {sb.ca_file})\n"
-            f"  identity platform (for MSAL): {sb.authority}\n"
-            f"  details: {sb.info_file}\n"
-            f"  mailboxes: {', '.join(m.address for m in sb.settings.mailboxes)}\n"
+        say(f"sandbox ready: SMTP on {sb.smtp_host}:{sb.smtp_port} (STARTTLS, CA {sb.ca_file})")
+        say(f"  identity platform (for MSAL): {sb.authority}")
+        say(f"  details: {sb.info_file}")
+        say(f"  mailboxes: {', '.join(m.address for m in sb.settings.mailboxes)}")
+        say(
             f'  use it:  eval "$(smtp365 sandbox env --state-dir {state_dir} '
-            f'--mailbox {sb.settings.mailboxes[0].address})"\n'
-            "  stop with Ctrl-C or SIGTERM"
+            f'--mailbox {sb.settings.mailboxes[0].address})"'
         )
+        say("  stop with Ctrl-C or SIGTERM")
 
     try:
         sandbox.run(state_dir, settings, on_ready=ready)
@@ -98,12 +98,12 @@ def messages(
         print_json(items)
         return
     if not items:
-        out.print("no messages captured yet")
+        say("no messages captured yet")
     for m in items:
         rcpts = ", ".join(m.get("rcpt_tos", []))
-        out.print(
+        say(
             f"{m.get('id')}  {m.get('received_at')}  {m.get('mail_from')} -> {rcpts}  "
-            f"{m.get('subject')!r}  ({m.get('size')} bytes, {m.get('mechanism')})"
+            f"'{m.get('subject')}'  ({m.get('size')} bytes, {m.get('mechanism')})"
         )
 
 
@@ -211,9 +211,10 @@ def _device_send(port: int, sender: str, to: str) -> str:
 async def _demo(state_dir: Path, to: str) -> None:
     async with sandbox.Sandbox(state_dir) as sb:
         mailbox = sb.settings.mailboxes[0].address
-        out.print(
-            f"[bold]1.[/] sandbox up (the Exchange Online look-alike): SMTP on "
-            f"127.0.0.1:{sb.smtp_port} (STARTTLS), identity platform {sb.authority}"
+        say(
+            ("1.", "bold"),
+            " sandbox up (the Exchange Online look-alike): SMTP on "
+            f"127.0.0.1:{sb.smtp_port} (STARTTLS), identity platform {sb.authority}",
         )
         settings = Settings.model_validate(
             {
@@ -233,11 +234,12 @@ async def _demo(state_dir: Path, to: str) -> None:
         )
         async with RelayService(settings) as relay:
             port = relay.listeners[0].port
-            out.print(
-                f"[bold]2.[/] relay up: plain SMTP on 127.0.0.1:{port} for 127.0.0.0/8, sending "
-                f"as {mailbox} (MSAL client credentials, STARTTLS + XOAUTH2)"
+            say(
+                ("2.", "bold"),
+                f" relay up: plain SMTP on 127.0.0.1:{port} for 127.0.0.0/8, sending "
+                f"as {mailbox} (MSAL client credentials, STARTTLS + XOAUTH2)",
             )
-            out.print("[bold]3.[/] a legacy device sends scanner@printer.local -> " + to)
+            say(("3.", "bold"), f" a legacy device sends scanner@printer.local -> {to}")
             message_id = await asyncio.to_thread(_device_send, port, "scanner@printer.local", to)
             queue = relay.queue
             assert queue is not None
@@ -251,15 +253,17 @@ async def _demo(state_dir: Path, to: str) -> None:
                 await asyncio.sleep(0.02)
             if delivered is None:
                 raise Smtp365Error("the relay did not deliver the demo message within 30 s")
-            out.print(
-                f"[bold]4.[/] queue {delivered.id}: {delivered.state.value} after "
-                f"{delivered.attempts} attempt(s); upstream said: [green]{delivered.last_reason}[/]"
+            say(
+                ("4.", "bold"),
+                f" queue {delivered.id}: {delivered.state.value} after "
+                f"{delivered.attempts} attempt(s); upstream said: ",
+                (delivered.last_reason or "", "green"),
             )
         captured = [m for m in sb.store.list() if m.message_id == message_id]
         if not captured:
             raise Smtp365Error("the sandbox has no copy of the demo message")
         last = captured[-1].to_dict()
-        out.print("[bold]5.[/] the sandbox captured it:")
+        say(("5.", "bold"), " the sandbox captured it:")
         for key in (
             "mailbox",
             "mechanism",
@@ -269,12 +273,12 @@ async def _demo(state_dir: Path, to: str) -> None:
             "tls_version",
             "path",
         ):
-            out.print(f"     {key:12} {last[key]}")
-        out.print("[bold]6.[/] as stored (From rewritten to the mailbox, the device in Reply-To):")
+            say(f"     {key:12} {last[key]}")
+        say(("6.", "bold"), " as stored (From rewritten to the mailbox, the device in Reply-To):")
         for line in captured[-1].read_bytes().decode("utf-8", "replace").splitlines():
-            out.print(f"     | {line}", markup=False)
-        out.print(
-            f"see them all: smtp365 sandbox messages --state-dir {state_dir}\n"
-            f"the relay's queue and delivery log: smtp365 queue list --all "
+            say(f"     | {line}")
+        say(f"see them all: smtp365 sandbox messages --state-dir {state_dir}")
+        say(
+            "the relay's queue and delivery log: smtp365 queue list --all "
             f"--state-dir {state_dir / 'relay'}"
         )

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from smtp365.cli import exitcodes
-from smtp365.cli.output import die, fail, out, print_json
+from smtp365.cli.output import clean, die, fail, print_json, say
 from smtp365.client import Mailer, build_message
 from smtp365.config import load
 from smtp365.errors import ConfigError, MessageError, Smtp365Error
@@ -167,9 +167,9 @@ def report(outcome: DeliveryOutcome, *, as_json: bool) -> None:
         )
         return
     n = len(outcome.accepted)
-    out.print(f"sent {outcome.message_id} to {n} recipient{'s' if n != 1 else ''}: {outcome.reply}")
+    say(f"sent {outcome.message_id} to {n} recipient{'s' if n != 1 else ''}: {outcome.reply}")
     for rcpt, reply in outcome.refused.items():
-        out.print(f"[yellow]refused[/] {rcpt}: {reply}")
+        say(("refused", "yellow"), f" {rcpt}: {reply}")
 
 
 SENDMAIL_USAGE = "usage: sendmail [-t] [-i] [-f sender] [-F fullname] [--] [recipient ...]"
@@ -229,7 +229,7 @@ def sendmail_main(argv: list[str]) -> int:
             else:
                 raise _Usage(f"unsupported option {arg}")
         except _Usage as exc:
-            sys.stderr.write(f"sendmail: {exc}\n{SENDMAIL_USAGE}\n")
+            sys.stderr.write(f"sendmail: {clean(exc)}\n{SENDMAIL_USAGE}\n")
             return exitcodes.USAGE
 
     data = sys.stdin.buffer.read()
@@ -261,14 +261,14 @@ def sendmail_main(argv: list[str]) -> int:
             recipients=recipients,
         )
     except ConfigError as exc:
-        sys.stderr.write(f"sendmail: {exc}\n")
+        sys.stderr.write(f"sendmail: {clean(exc, multiline=True)}\n")
         return exitcodes.CONFIG
     except Smtp365Error as exc:
-        sys.stderr.write(f"sendmail: {exc}\n")
+        sys.stderr.write(f"sendmail: {clean(exc, multiline=True)}\n")
         return exitcodes.for_error(exc)
     if outcome.refused:
         for rcpt, reply in outcome.refused.items():
-            sys.stderr.write(f"sendmail: {rcpt}: {reply}\n")
+            sys.stderr.write(f"sendmail: {clean(f'{rcpt}: {reply}')}\n")
         return exitcodes.UNAVAILABLE
     return exitcodes.OK
 
