@@ -27,6 +27,17 @@ def _stamp(created: float) -> str:
     )
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+
+
+def printable(line: str) -> str:
+    """One log line as it may reach a terminal or a log file: what a client sent that was
+    not UTF-8, and any control character (CR, ESC ...: a forged line, a terminal escape), as
+    ``\\xNN``."""
+    line = shown(line)
+    return line if line.isprintable() else line.translate(_CONTROLS)
+
+
 def _component(name: str) -> str:
     return name.removeprefix("smtp365.").removeprefix("relay.") or "relay"
 
@@ -42,7 +53,7 @@ class TextFormatter(logging.Formatter):
         line += record.getMessage().replace("\n", " ")
         if record.exc_info:
             line += " | " + self.formatException(record.exc_info).replace("\n", " | ")
-        return shown(line)  # bytes a client sent that were not UTF-8, as \xNN
+        return printable(line)
 
 
 class JsonFormatter(logging.Formatter):
