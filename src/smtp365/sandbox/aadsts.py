@@ -15,9 +15,23 @@ import datetime as dt
 __all__ = ["AadError", "cert_date", "iso7"]
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_FIRST = (dt.datetime(1, 1, 1, tzinfo=dt.UTC) - _EPOCH).total_seconds()
+_LAST = (dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC) - _EPOCH).total_seconds()
+
+
 def iso7(when: float) -> str:
-    """``2020-12-11T09:41:15.6470000Z``: how AADSTS texts write a moment."""
-    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"
+    """``2020-12-11T09:41:15.6470000Z``: how AADSTS texts write a moment.
+
+    ``when`` may come from a client (an assertion's ``nbf`` of 1e300): a moment before year 1
+    or after 9999 is written as the first or last second a date can hold.
+    """
+    if not when >= _FIRST:  # NaN included
+        when = _FIRST
+    elif when > _LAST:
+        when = _LAST
+    moment = _EPOCH + dt.timedelta(seconds=when)
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "0Z"
 
 
 def cert_date(when: dt.datetime) -> str:
@@ -93,6 +107,10 @@ def tenant_not_found(tenant: str, *, error: str = "invalid_request") -> AadError
         "signing into the correct cloud. Check with your subscription administrator, this may "
         "happen if there are no active subscriptions for the tenant.",
     )
+
+
+def invalid_instance() -> AadError:
+    return AadError(50049, "invalid_instance", "Unknown or invalid instance.")
 
 
 def no_tenant_information() -> AadError:

@@ -15,10 +15,11 @@ import base64
 import binascii
 import hmac
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import jwt
@@ -43,6 +44,25 @@ class _Credential:
     cert: x509.Certificate
     sha1: str
     sha256: str
+
+
+def _is_time(value: object) -> TypeGuard[int | float]:
+    """A NumericDate (RFC 7519 §2): a JSON number, finite; ``true`` is no number here."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _header_problem(header: Mapping[str, Any]) -> str | None:
+    """What makes the key-identifying members of a JOSE header unusable (RFC 7515 §4.1)."""
+    for name in ("alg", "x5t", "x5t#S256"):
+        if name in header and not isinstance(header[name], str):
+            return f"The '{name}' header must be a string."
+    if "x5c" in header:
+        chain = header["x5c"]
+        if not isinstance(chain, list) or not chain or not all(isinstance(c, str) for c in chain):
+            return "The 'x5c' header must be an array of base64-encoded certificates."
+    return None
 
 
 def _b64u_hex(value: str) -> str | None:
@@ -123,7 +143,10 @@ class ClientAuthenticator:
             header = jwt.get_unverified_header(assertion)
         except jwt.PyJWTError as exc:
             raise aadsts.assertion_malformed(str(exc)) from None
-        alg = str(header.get("alg", ""))
+        problem = _header_problem(header)
+        if problem is not None:
+            raise aadsts.assertion_malformed(problem)
+        alg = header.get("alg", "")
         if alg not in ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"):
             raise aadsts.assertion_malformed(f"The signing algorithm '{alg}' is not supported.")
         credentials = self._credentials(app)
@@ -135,7 +158,7 @@ class ClientAuthenticator:
         elif isinstance(header.get("x5t"), str):
             used = _b64u_hex(header["x5t"])
             match = next((c for c in credentials if c.sha1 == used), None)
-        elif isinstance(header.get("x5c"), list) and header["x5c"]:
+        elif "x5c" in header:
             try:
                 leaf = x509.load_der_x509_certificate(base64.b64decode(header["x5c"][0]))
             except (ValueError, binascii.Error):
@@ -175,8 +198,10 @@ class ClientAuthenticator:
         except jwt.PyJWTError as exc:
             raise aadsts.assertion_malformed(str(exc)) from None
         exp, nbf = claims.get("exp"), claims.get("nbf", 0)
-        if not isinstance(exp, int | float) or not isinstance(nbf, int | float):
+        if not _is_time(exp):
             raise aadsts.assertion_malformed("The token has no valid 'exp' claim.")
+        if not _is_time(nbf):
+            raise aadsts.assertion_malformed("The token has no valid 'nbf' claim.")
         if exp + ASSERTION_SKEW < now or nbf - ASSERTION_SKEW > now:
             raise aadsts.assertion_time_range(aadsts.iso7(now), aadsts.iso7(nbf), aadsts.iso7(exp))
         audiences = claims.get("aud")
@@ -184,8 +209,9 @@ class ClientAuthenticator:
         if not any(isinstance(a, str) and self._is_token_endpoint(a, tenant) for a in auds):
             raise aadsts.assertion_audience()
         wanted = app.app_id.lower()
-        if str(claims.get("iss", "")).lower() != wanted or str(claims.get("sub", "")).lower() != (
-            wanted
+        iss, sub = claims.get("iss"), claims.get("sub")
+        if not (isinstance(iss, str) and isinstance(sub, str)) or not (
+            iss.lower() == sub.lower() == wanted
         ):
             raise aadsts.assertion_subject()
 

@@ -13,6 +13,7 @@ import email.utils
 import http
 import json
 import logging
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ __all__ = ["HttpServer", "Request", "Response"]
 log = logging.getLogger("smtp365.sandbox.http")
 
 _READ_SIZE = 65_536
+# RFC 3986 path characters: unreserved, sub-delims, ":", "@", "/" and %-escapes.
+_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
 
 
 @dataclass(slots=True)
@@ -139,8 +142,8 @@ class HttpServer:
             while True:
                 try:
                     request = await self._receive(conn, reader, writer, client)
-                except h11.RemoteProtocolError as exc:
-                    await self._send_protocol_error(conn, writer, exc.error_status_hint)
+                except _Refused as exc:
+                    await self._send_protocol_error(conn, writer, exc.status, body=not exc.head)
                     return
                 if request is None:
                     return
@@ -151,12 +154,18 @@ class HttpServer:
                     response = Response.json(
                         {"error": "server_error", "error_description": "internal error"}, 500
                     )
-                await self._send(conn, writer, request, response)
+                try:
+                    await self._send(conn, writer, request, response)
+                except (h11.LocalProtocolError, UnicodeError):  # a header h11 cannot send
+                    log.exception("bad response to %s %s", request.method, request.path)
+                    return
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
         except (OSError, TimeoutError, EOFError, h11.LocalProtocolError):
             return  # peer vanished, idle timeout, or the server is stopping
+        except Exception:  # logged here rather than as asyncio's "unhandled exception"
+            log.exception("connection from %s failed", client or "?")
         finally:
             self._connections.pop(task, None)
             writer.close()  # flushes what was written (a Connection: close answer)
@@ -171,10 +180,14 @@ class HttpServer:
         writer: asyncio.StreamWriter,
         client: str,
     ) -> Request | None:
+        """The next request; ``None`` when the client closed. Raises :class:`_Refused`."""
         head: h11.Request | None = None
         body = bytearray()
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Refused(exc.error_status_hint, head) from None
             if event is h11.NEED_DATA:
                 if conn.they_are_waiting_for_100_continue:
                     writer.write(
@@ -187,10 +200,13 @@ class HttpServer:
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self._max_body:
-                    raise h11.RemoteProtocolError("request body too large", 413)
+                    raise _Refused(413, head)
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
-                return _request(head, bytes(body), client)
+                request = _request(head, bytes(body), client)
+                if request is None:
+                    raise _Refused(400, head)
+                return request
             else:  # ConnectionClosed or PAUSED
                 return None
 
@@ -225,27 +241,39 @@ class HttpServer:
         await writer.drain()
 
     async def _send_protocol_error(
-        self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, *, body: bool
     ) -> None:
+        """``status`` with a one-line text (``body``: not to a HEAD request), then close."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = f"{status} {_reason(status)}\n".encode()
+        text = f"{status} {_reason(status)}\n".encode()
         with contextlib.suppress(h11.LocalProtocolError, OSError):
             data = conn.send(
                 h11.Response(
                     status_code=status,
                     headers=[
                         ("Content-Type", "text/plain; charset=utf-8"),
-                        ("Content-Length", str(len(body))),
+                        ("Content-Length", str(len(text))),
                         ("Connection", "close"),
                     ],
                     reason=_reason(status),
                 )
             )
-            data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
-            data += conn.send(h11.EndOfMessage()) or b""
+            if body:
+                data = (data or b"") + (conn.send(h11.Data(data=text)) or b"")
+            data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
             writer.write(data)
             await writer.drain()
+
+
+class _Refused(Exception):
+    """A request the HTTP layer answers itself with ``status`` before closing; ``head``
+    tells a response to HEAD, which carries no body."""
+
+    def __init__(self, status: int, request: h11.Request | None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.head = request is not None and request.method == b"HEAD"
 
 
 def _reason(status: int) -> str:
@@ -255,11 +283,42 @@ def _reason(status: int) -> str:
         return ""
 
 
-def _request(head: h11.Request, body: bytes, client: str) -> Request:
+def _split_target(target: str) -> tuple[str, str] | None:
+    """Path and query of a request target (RFC 9112 §3.2), or ``None`` when it is none.
+
+    The origin-form (``/path?query``) is split as it is: ``//x`` is a path with an empty
+    segment, not a host as :func:`urllib.parse.urlsplit` would read it. The absolute-form
+    (``https://host/path``) is parsed as a URL, the asterisk-form (``*``) gives the path
+    ``*``. A path must be made of RFC 3986 path characters; the query is taken as it comes,
+    as browsers send it. A fragment, which no client should send, is ignored.
+    """
+    target = target.partition("#")[0]
+    if target == "*":
+        return "*", ""
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+    else:
+        try:
+            parts = urlsplit(target)
+        except ValueError:  # e.g. "http://[/": an IPv6 literal without its "]"
+            return None
+        if not parts.scheme or not parts.netloc:
+            return None
+        path, query = parts.path or "/", parts.query
+    if not _PATH.fullmatch(path):
+        return None
+    return path, query
+
+
+def _request(head: h11.Request, body: bytes, client: str) -> Request | None:
+    """The :class:`Request` of ``head``; ``None`` when its target is no request target."""
     target = head.target.decode("ascii", "replace")
-    parts = urlsplit(target)
+    split = _split_target(target)
+    if split is None:
+        return None
+    path, raw_query = split
     query: dict[str, str] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    for key, value in parse_qsl(raw_query, keep_blank_values=True):
         query.setdefault(key, value)
     headers: dict[str, str] = {}
     for raw_name, raw_value in head.headers:
@@ -269,7 +328,7 @@ def _request(head: h11.Request, body: bytes, client: str) -> Request:
     return Request(
         method=head.method.decode("ascii", "replace").upper(),
         target=target,
-        path=unquote(parts.path) or "/",
+        path=unquote(path) or "/",
         query=query,
         headers=headers,
         body=body,

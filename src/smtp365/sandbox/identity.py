@@ -25,7 +25,6 @@ test API (``approve_device_code`` etc., from any thread).
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import hashlib
 import hmac
@@ -65,6 +64,8 @@ GRANT_NAMES = {
 }
 ID_TOKEN_LIFETIME = 3600
 _USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ23456789"
+_URI = re.compile(r"[\x21-\x7e]+")
+_DIGITS = re.compile(r"[0-9]{1,10}")
 
 
 class IdentityError(Exception):
@@ -137,14 +138,19 @@ def _pkce_ok(verifier: str, challenge: str, method: str | None) -> bool:
 
 
 def _redirect_allowed(app: AppSettings, uri: str) -> bool:
-    """Exact match, or a loopback ``http`` URI whose port is ignored (as in Entra ID)."""
-    if "#" in uri:
+    """Exact match, or a loopback ``http`` URI whose port is ignored (as in Entra ID).
+
+    Ignored, but it must be a port: the URI goes into a ``Location`` header as it is, so it
+    must be a URI (printable ASCII, no spaces) and ``http://localhost:1 x/`` is none.
+    """
+    if "#" in uri or not _URI.fullmatch(uri):
         return False
     if uri in app.redirect_uris:
         return True
     try:
         given = urlsplit(uri)
         given_host = given.hostname
+        _ = given.port  # ValueError unless it is a port number
     except ValueError:
         return False
     for registered in app.redirect_uris:
@@ -165,14 +171,17 @@ def _redirect_allowed(app: AppSettings, uri: str) -> bool:
 
 
 def _basic_auth(request: Request) -> tuple[str | None, str | None]:
+    """``client_secret_basic``: (client id, secret); (``None``, ``None``) when the header is
+    absent or holds no ``id:secret`` — the request then names no credential at all."""
     header = request.headers.get("authorization", "")
     if not header.lower().startswith("basic "):
         return None, None
-    try:
-        decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    try:  # header values are latin-1 text: anything outside base64's alphabet is refused
+        decoded = base64.b64decode(header[6:].strip().encode("ascii"), validate=True)
+        text = decoded.decode("utf-8")
+    except ValueError:  # UnicodeError, binascii.Error
         return None, None
-    user, sep, password = decoded.partition(":")
+    user, sep, password = text.partition(":")
     if not sep:
         return None, None
     return unquote_plus(user), unquote_plus(password)
@@ -477,7 +486,11 @@ class IdentityPlatform:
 
     def _instance_discovery(self, request: Request) -> Response:
         endpoint = request.query.get("authorization_endpoint", "")
-        segments = [s for s in urlsplit(endpoint).path.split("/") if s]
+        try:
+            path = urlsplit(endpoint).path
+        except ValueError:  # e.g. "https://[/": no instance at all
+            return self._json_error(aadsts.invalid_instance(), request)
+        segments = [s for s in path.split("/") if s]
         tenant = segments[0] if segments else self.settings.tenant_id
         base = self._base(request)
         host = base.removeprefix("https://")
@@ -501,7 +514,7 @@ class IdentityPlatform:
 
     def _error_lookup(self, request: Request) -> Response:
         code = request.query.get("code", "")
-        text = f"AADSTS{code}" if code.isdigit() else "unknown error code"
+        text = f"AADSTS{code}" if _DIGITS.fullmatch(code) else "unknown error code"
         return Response.html(
             pages.error_page(
                 f"{text}: see https://login.microsoftonline.com/error?code={code}",

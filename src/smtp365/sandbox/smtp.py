@@ -6,9 +6,15 @@ reading and TLS plumbing only. Every reply below is literal text from
 shared/reference/exchange-online.md or, where the reference has none, a
 plausible Exchange-style text (marked "sandbox choice").
 
-Two aiosmtpd internals are relied upon (pinned by ``aiosmtpd>=1.4.6``):
+Three aiosmtpd internals are relied upon (pinned by ``aiosmtpd>=1.4.6``):
 ``_smtp_methods`` (the command table, wrapped here for faults and the TLS 1.0/1.1
-refusal) and ``_handle_client`` (wrapped for greeting faults).
+refusal), ``_handle_client`` (wrapped for greeting faults) and the texts of the replies
+its command loop sends itself (unknown command, line too long), which :meth:`push` words
+as Exchange does.
+
+Bad input gets a 5xx syntax reply, never the ``451`` of an unexpected exception: numbers
+are ASCII digits only, an address or parameter that is not UTF-8 (aiosmtpd keeps such
+bytes as lone surrogates) is refused before anything can echo or store it.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, getaddresses
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
@@ -54,6 +60,18 @@ _STAGE_OF: dict[str, Stage] = {
 _DOMAIN = re.compile(r"^(\[[0-9A-Za-z:.]+\]|[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?)$")
 _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 _NEED_TLS = frozenset({"AUTH", "MAIL", "RCPT", "DATA", "BDAT"})
+_NUMBER = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also takes "²" and "٣"
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")  # esmtp-keyword, RFC 5321 §4.1.2
+# aiosmtpd's own replies from its command loop, in Exchange's form: enhanced status codes
+# are advertised, so every reply carries one, and none echoes what the client sent. The
+# reference has no text for these: Exchange's answer to an unknown verb as seen in client
+# logs (sandbox choice).
+_UNRECOGNIZED = "500 5.3.3 Unrecognized command"
+_LOOP_REPLIES = {
+    "500 Error: bad syntax": _UNRECOGNIZED,  # an empty line, or a verb that is not ASCII
+    "500 Command line too long": "500 5.5.2 Line too long",  # sandbox choice
+}
+_NOT_RECOGNIZED = re.compile(r'500 Error: command ".*" not recognized', re.DOTALL)
 
 
 @dataclass
@@ -202,6 +220,12 @@ class ExchangeSMTP(SMTP):
             raw.abort()
         elif raw is not None:
             raw.close()
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            await super().push(_exchange_form(status))
+        else:
+            await super().push(status)
 
     async def push_lines(self, code: int, lines: list[str]) -> None:
         for i, line in enumerate(lines):
@@ -418,12 +442,31 @@ class ExchangeSMTP(SMTP):
             await self.push(unrecognized)
 
     async def _sasl_read(self, challenge: str) -> bytes | None:
-        """Send ``334 <challenge>``, read and decode the answer; ``None`` after an error reply."""
+        """Send ``334 <challenge>``, read and decode the answer; ``None`` after an error reply
+        (or when the client went away)."""
         await self.push(f"334 {challenge}")
-        line = await self._reader.readline()
-        if not line:
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            return None
+        except asyncio.LimitOverrunError as exc:  # longer than line_length_limit (64 KiB)
+            if await self._skip_line(exc.consumed):
+                # RFC 4954's text for it; the reference has none (sandbox choice)
+                await self.push("500 5.5.6 Authentication Exchange line is too long")
             return None
         return await self._sasl_decode(line.strip())
+
+    async def _skip_line(self, consumed: int) -> bool:
+        """Discard the rest of an overlong line; ``False`` if the connection ends first."""
+        await self._reader.read(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return True
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.read(exc.consumed)
+            except asyncio.IncompleteReadError:
+                return False
 
     async def _sasl_decode(self, blob: bytes | str) -> bytes | None:
         raw = blob.encode("ascii", "replace") if isinstance(blob, str) else blob
@@ -585,11 +628,15 @@ class ExchangeSMTP(SMTP):
         if address is None:
             await self.push("501 5.1.7 Invalid address")
             return
+        params = _params(params_text)
+        if params is None:
+            await self.push("501 5.5.4 Invalid arguments")
+            return
         txn = _Txn(mail_from=address)
         limits = self._ctx.settings.limits
-        for key, value in _params(params_text):
+        for key, value in params:
             if key == "SIZE":
-                if not value.isdigit():
+                if not _NUMBER.fullmatch(value):
                     await self.push("501 5.5.4 Invalid arguments")
                     return
                 if int(value) > limits.max_message_size:
@@ -625,11 +672,16 @@ class ExchangeSMTP(SMTP):
         await self.push("250 2.1.0 Sender OK")
 
     def _parse_path(self, text: str) -> tuple[str | None, str]:
+        """(address, parameters) of a MAIL or RCPT argument; address ``None`` when there is
+        none, or when it is not UTF-8 (aiosmtpd keeps such bytes as lone surrogates)."""
         text = text.strip()
         if text.startswith("<>"):
             return "", text[2:]
-        address, rest = self._getaddr(text)
-        if not address:
+        try:
+            address, rest = self._getaddr(text)
+        except Exception:  # the stdlib's RFC 5322 parser fails on some truncated input
+            return None, ""  # ("<" → IndexError, "a.@[\t" → UnboundLocalError)
+        if not address or not _utf8(address):
             return None, ""
         return str(address), str(rest or "")
 
@@ -648,8 +700,12 @@ class ExchangeSMTP(SMTP):
         if not address:
             await self.push("501 5.1.3 Invalid address")
             return
+        params = _params(params_text)
+        if params is None:
+            await self.push("501 5.5.4 Invalid arguments")
+            return
         notify = orcpt = ""
-        for key, value in _params(params_text):
+        for key, value in params:
             if key == "NOTIFY" and _valid_notify(value):
                 notify = value.upper()
             elif key == "ORCPT" and value:
@@ -732,7 +788,7 @@ class ExchangeSMTP(SMTP):
 
     async def smtp_BDAT(self, arg: str | None) -> None:
         parts = (arg or "").split()
-        if not parts or not parts[0].isdigit() or len(parts) > 2:
+        if not parts or not _NUMBER.fullmatch(parts[0]) or len(parts) > 2:
             await self.push("501 5.5.4 Invalid arguments")
             return
         if len(parts) == 2 and parts[1].upper() != "LAST":
@@ -880,10 +936,31 @@ def _parse_xoauth2(raw: bytes) -> tuple[str | None, str | None]:
     return user, token
 
 
-def _params(text: str) -> list[tuple[str, str]]:
+def _exchange_form(reply: str) -> str:
+    """A reply of aiosmtpd's command loop as Exchange words it; the sandbox's own unchanged."""
+    if _NOT_RECOGNIZED.fullmatch(reply):
+        return _UNRECOGNIZED
+    return _LOOP_REPLIES.get(reply, reply)
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` came from UTF-8: aiosmtpd decodes arguments with surrogateescape, so
+    other bytes stay in them as lone surrogates, which no reply or file can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _params(text: str) -> list[tuple[str, str]] | None:
+    """The ``KEYWORD[=value]`` parameters of MAIL or RCPT, keywords upper-cased; ``None``
+    when one is no parameter: its keyword not an esmtp-keyword, or its value not UTF-8."""
     found: list[tuple[str, str]] = []
     for item in text.split():
         key, _, value = item.partition("=")
+        if not _KEYWORD.fullmatch(key) or not _utf8(value):
+            return None
         found.append((key.upper(), value))
     return found
 

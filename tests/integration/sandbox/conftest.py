@@ -1,5 +1,7 @@
 """Fixtures for the sandbox suite: a shared PKI seed, running sandboxes, a raw SMTP client,
-and for the identity platform real MSAL clients and a scripted browser.
+and for the identity platform real MSAL clients, a scripted browser and raw HTTPS requests
+(bytes as they are, for malformed input); ``failure_log`` collects what the sandbox must never
+log (errors, tracebacks).
 
 The clients here are the standard library (``socket``, ``ssl``, ``smtplib``) and the
 unmodified third-party clients Exchange Online and Entra ID are used with (MSAL over
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
+import logging
 import shutil
 import smtplib
 import socket
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urljoin, urlsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
 import jwt
 import msal
@@ -507,3 +511,125 @@ class Browser:
 def browser(https: Callable[[Sandbox], requests.Session]) -> Callable[[Sandbox], Browser]:
     """``browser(sb)``: a :class:`Browser` trusting the sandbox CA."""
     return lambda sb: Browser(https(sb))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+class FailureLog(logging.Handler):
+    """Collects what the sandbox must never log: errors, and any record with a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.records.append(record)
+
+    def take(self) -> list[str]:
+        """The collected records as text (tracebacks included), and forget them."""
+        formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+        found, self.records = self.records, []
+        return [formatter.format(record) for record in found]
+
+
+@pytest.fixture
+def failure_log() -> Iterator[FailureLog]:
+    """A :class:`FailureLog` on the root logger; ``smtp365`` logs at INFO meanwhile, so a
+    traceback logged below WARNING is seen too."""
+    handler = FailureLog()
+    root = logging.getLogger()
+    ours = logging.getLogger("smtp365")
+    level = ours.level
+    root.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        ours.setLevel(level)
+        root.removeHandler(handler)
+
+
+def https_exchange(sb: Sandbox, data: bytes, *, timeout: float = 10.0) -> bytes:
+    """Send ``data`` as is over TLS to the identity platform; all it answers until it closes."""
+    with (
+        socket.create_connection(("127.0.0.1", sb.identity_port), timeout=timeout) as raw,
+        tls_for(sb).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(data)
+        received = bytearray()
+        while True:
+            try:
+                block = tls.recv(65536)
+            except (ConnectionResetError, ssl.SSLEOFError):
+                break
+            if not block:
+                break
+            received += block
+        return bytes(received)
+
+
+@dataclass
+class HttpAnswer:
+    status: int
+    headers: dict[str, str]
+    """Lower-case names; latin-1 text."""
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_answer(data: bytes) -> HttpAnswer | None:
+    """The final response in ``data`` (interim 1xx skipped); ``None`` when there is none."""
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdecimal():
+            return None
+        status = int(parts[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if 100 <= status < 200:
+            data = rest
+            continue
+        length = int(headers.get("content-length", "0"))
+        return HttpAnswer(status, headers, rest[:length])
+    return None
+
+
+def request_bytes(
+    method: str,
+    target: str | bytes,
+    *,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    body: bytes = b"",
+    form: dict[str, str] | None = None,
+) -> bytes:
+    """An HTTP/1.1 request, with ``Host`` unless given, ``Content-Length`` and ``Connection:
+    close``; ``form`` is sent url-encoded."""
+    given = list(headers or [])
+    if form is not None:
+        body = urlencode(form).encode()
+        given.append((b"Content-Type", b"application/x-www-form-urlencoded"))
+    if not any(name.lower() == b"host" for name, _ in given):
+        given.insert(0, (b"Host", b"localhost"))
+    given += [(b"Content-Length", str(len(body)).encode()), (b"Connection", b"close")]
+    raw_target = target.encode() if isinstance(target, str) else target
+    lines = [method.encode() + b" " + raw_target + b" HTTP/1.1"]
+    lines += [name + b": " + value for name, value in given]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def https_request(sb: Sandbox, method: str, target: str | bytes, **kwargs: Any) -> HttpAnswer:
+    """:func:`request_bytes` sent by :func:`https_exchange`; fails when nothing came back."""
+    data = https_exchange(sb, request_bytes(method, target, **kwargs))
+    answer = parse_answer(data)
+    assert answer is not None, f"no response: {data[:200]!r}"
+    return answer
