@@ -379,7 +379,23 @@ class RelaySMTP(SMTP):
                 self._shared.clients.disconnect(self._counted)
             if not self._shared.sessions:
                 self._shared.drained.set()
+        upgraded = self.transport if self._tls_protocol is not None else None
         super().connection_lost(error)
+        # A session is only ever freed by the cycle collector (aiosmtpd's bound-method
+        # tables, the stream writer and the cancelled handler all point back at it), and
+        # with settle_gc that runs a full collection only every few hundred sessions. What
+        # STARTTLS hung on it must not wait for that: the SSLProtocol with its 256 KiB read
+        # buffer, the OpenSSL connection (session.ssl holds the ssl_object) and the plain
+        # transport under them go with the connection.
+        self._tls_protocol = None
+        self._original_transport = None
+        if self.session is not None:
+            self.session.ssl = None
+        if upgraded is not None:
+            # Closed already (by the SSLProtocol, or before aiosmtpd's own call after a
+            # failed handshake): closing it again only drops its SSLProtocol, which the
+            # stream reader and writer would otherwise keep through the transport.
+            upgraded.close()
         closed = getattr(self, "_closed", None)
         if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
             closed.exception()
