@@ -3,6 +3,8 @@
 The sandbox imitates Exchange Online faithfully; this one misbehaves on
 purpose (hides STARTTLS, injects bytes after 220, serves the wrong
 certificate, answers anything we script) and records every command it gets.
+:class:`ImplicitTLSServer` speaks TLS from the first byte (port 465 style), for
+clients set to the wrong TLS mode.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class Script:
     close_after_messages: int = 0  # close the connection after this many messages (0: never)
     rset_reply: str = "250 2.0.0 OK"  # a 421 closes the connection after it
     silent: bool = False  # accept the connection but never greet
+    # greet only once this many connections have arrived (a greeting later than a client's
+    # first wait; the later connections are not held up by the earlier ones)
+    greet_after_connections: int = 0
 
 
 class FakeSMTPServer:
@@ -37,6 +42,7 @@ class FakeSMTPServer:
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._enough_connections = asyncio.Event()
         self.port = 0
 
     async def __aenter__(self) -> FakeSMTPServer:
@@ -55,6 +61,8 @@ class FakeSMTPServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.connections >= self.script.greet_after_connections:
+            self._enough_connections.set()
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -71,6 +79,7 @@ class FakeSMTPServer:
             if s.silent:
                 await reader.read()
                 return
+            await self._enough_connections.wait()
             await send(s.banner)
             if not s.banner.startswith("220"):
                 return
@@ -144,3 +153,62 @@ class FakeSMTPServer:
         finally:
             writer.transport.abort()
             raw_transport.abort()
+
+
+class ImplicitTLSServer:
+    """An SMTP server that speaks TLS from the first byte (port 465 style)."""
+
+    def __init__(self, context: ssl.SSLContext, *, handshake_timeout: float = 5) -> None:
+        self.context = context
+        self.handshake_timeout = handshake_timeout  # then the server gives up on a client
+        self.commands: list[str] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> ImplicitTLSServer:
+        self._server = await asyncio.start_server(
+            self._handle,
+            "127.0.0.1",
+            0,
+            ssl=self.context,
+            ssl_handshake_timeout=self.handshake_timeout,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+        await asyncio.sleep(0)  # let aborted transports run their close callbacks
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+
+        async def send(*lines: str) -> None:
+            writer.write(b"".join(line.encode() + b"\r\n" for line in lines))
+            await writer.drain()
+
+        try:
+            await send("220 implicit.test ESMTP ready")
+            while raw := await reader.readline():
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                self.commands.append(line)
+                verb = line.split(" ", 1)[0].upper()
+                if verb == "EHLO":
+                    await send("250-implicit.test Hello", "250-AUTH LOGIN XOAUTH2", "250 SMTPUTF8")
+                elif verb == "QUIT":
+                    await send("221 2.0.0 Bye")
+                    return
+                else:
+                    await send("500 5.3.3 Unrecognized command")
+        except (ConnectionError, ssl.SSLError):
+            return
+        finally:
+            writer.transport.abort()

@@ -16,6 +16,7 @@ from smtp365.errors import (
     StartTLSUnavailable,
     SubmissionRejected,
     TLSError,
+    TLSModeMismatch,
     TransportError,
     TransportTimeout,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "SubmissionRejected",
     "SyncMailer",
     "TLSError",
+    "TLSModeMismatch",
     "TransportError",
     "TransportTimeout",
     "__version__",

@@ -74,6 +74,14 @@ class TLSError(TransportError):
     """TLS could not be established safely (handshake, certificate, version)."""
 
 
+class TLSModeMismatch(TLSError):
+    """The account's TLS mode does not match the port: implicit TLS where the server speaks
+    plain SMTP first ("SSL on 587"), or STARTTLS where it expects a TLS ClientHello (465).
+    Permanent: nothing changes until the configuration does."""
+
+    temporary = False
+
+
 class StartTLSUnavailable(TLSError):
     """STARTTLS was not offered or not accepted: smtp365 never continues in plain text."""
 

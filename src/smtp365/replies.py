@@ -5,6 +5,11 @@ one enhanced code covers several causes, a fragment of the reply text. Order
 matters: the first entry that matches wins, so the specific ``5.7.139``
 variants stand before the generic one.
 
+A reply to ``AUTH`` can mean different things for different mechanisms: ``535 5.7.3``
+after XOAUTH2 is a token the server would not take, after LOGIN a password it would not
+take. Such rows name their ``mechanisms``; :func:`lookup` given the mechanism that was
+used skips the rows of the others.
+
 ``temporary`` is the truth for retry decisions, not the reply class: the
 catalogue knows the traps (``554 5.2.0 SubmissionQuotaExceeded`` is a 5xx that
 clears in hours; ``432 4.3.2`` means "use fewer connections"). ``action`` tells
@@ -47,9 +52,12 @@ class CatalogueEntry:
     fix: str
     temporary: bool
     action: Action
+    mechanisms: tuple[str, ...] = ()  # lower-case AUTH mechanisms this row explains; empty = any
 
-    def matches(self, reply: Reply) -> bool:
+    def matches(self, reply: Reply, *, mechanism: str | None = None) -> bool:
         if self.codes and reply.code not in self.codes:
+            return False
+        if mechanism is not None and self.mechanisms and mechanism.lower() not in self.mechanisms:
             return False
         if not reply.enhanced:
             # Some servers drop ENHANCEDSTATUSCODES; fall back to the text alone
@@ -77,6 +85,7 @@ def _row(
     action: Action | None = None,
     codes: Sequence[int] = (),
     fragments: Sequence[str] = (),
+    mechanisms: Sequence[str] = (),
 ) -> CatalogueEntry:
     rng = (enhanced, enhanced) if isinstance(enhanced, str) else enhanced
     return CatalogueEntry(
@@ -88,6 +97,7 @@ def _row(
         fix=fix,
         temporary=temporary,
         action=action or (Action.RETRY if temporary else Action.FIX),
+        mechanisms=tuple(m.lower() for m in mechanisms),
     )
 
 
@@ -150,6 +160,8 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         "read the rest of the reply; check SMTP AUTH is enabled for the tenant and the mailbox",
         codes=(535,),
     ),
+    # Without a mechanism (a caller that cannot tell) 535 5.7.3 reads as the OAuth2 row,
+    # the mechanism Exchange Online is heading for.
     _row(
         "xoauth2-rejected",
         "5.7.3",
@@ -162,6 +174,24 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         "`Add-MailboxPermission -Identity <mailbox> -User <service principal id> "
         "-AccessRights FullAccess`",
         codes=(535,),
+        mechanisms=("xoauth2",),
+    ),
+    _row(
+        "password-rejected",
+        "5.7.3",
+        "the username and password were refused (Basic authentication, AUTH LOGIN): usually a "
+        "wrong password or username, SMTP AUTH disabled for the mailbox or the tenant, Basic "
+        "authentication blocked (security defaults, Conditional Access, or the tenant's policy), "
+        "or an account with multi-factor authentication, which needs an app password",
+        "check the password and that the username is the mailbox's full address (UPN); an "
+        "Exchange admin checks SMTP AUTH is on for the mailbox "
+        "(`Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false`) and "
+        "that security defaults or Conditional Access do not block legacy authentication; with "
+        "multi-factor authentication use an app password. Basic authentication is being "
+        'retired: switching the account to OAuth2 (`auth = "xoauth2"`, see '
+        "docs/authentication.md) ends all of these",
+        codes=(535,),
+        mechanisms=("login", "plain"),
     ),
     _row(
         "not-authenticated",
@@ -318,10 +348,13 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
 )
 
 
-def lookup(reply: Reply) -> CatalogueEntry | None:
-    """The first catalogue entry that explains ``reply``, or ``None``."""
+def lookup(reply: Reply, *, mechanism: str | None = None) -> CatalogueEntry | None:
+    """The first catalogue entry that explains ``reply``, or ``None``.
+
+    ``mechanism``: for a reply to ``AUTH``, the mechanism that was used (``"xoauth2"``,
+    ``"login"``), so that the explanation is the one for those credentials."""
     for entry in CATALOGUE:
-        if entry.matches(reply):
+        if entry.matches(reply, mechanism=mechanism):
             return entry
     return None
 

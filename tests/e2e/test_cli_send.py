@@ -11,25 +11,31 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import BIN, Run
-from tests.fakesmtp import FakeSMTPServer, Script
+from tests.fakesmtp import FakeSMTPServer, ImplicitTLSServer, Script
 
 
-def _write_config(tmp_path: Path, port: int, ca_file: Path, **extra: str) -> Path:
+def _write_config(
+    tmp_path: Path, port: int, ca_file: Path | None, **extra: str | int | None
+) -> Path:
+    """An account ``main`` on localhost:``port``; ``extra`` adds or replaces settings (None
+    leaves one out)."""
     token = tmp_path / "token"
     token.write_text("e2e-token\n")
     token.chmod(0o600)
-    lines = [
-        'default_account = "main"',
-        "[accounts.main]",
-        'profile = "custom"',
-        'host = "localhost"',
-        f"port = {port}",
-        f'ca_file = "{ca_file}"',
-        'username = "alice@contoso.test"',
-        'auth = "xoauth2"',
-        f'token_file = "{token}"',
-        "timeout = 10",
-    ] + [f'{k} = "{v}"' for k, v in extra.items()]
+    fields: dict[str, str | int | None] = {
+        "profile": "custom",
+        "host": "localhost",
+        "port": port,
+        "ca_file": None if ca_file is None else str(ca_file),
+        "username": "alice@contoso.test",
+        "auth": "xoauth2",
+        "token_file": str(token),
+        "timeout": 10,
+    }
+    fields.update(extra)
+    lines = ['default_account = "main"', "[accounts.main]"] + [
+        f"{k} = {json.dumps(v)}" for k, v in fields.items() if v is not None
+    ]
     path = tmp_path / "smtp365.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -215,3 +221,75 @@ async def test_bad_input_gets_a_clear_error_not_a_traceback(run_cli: Run, tmp_pa
     assert res.code == 66 and "cannot read" in res.stderr
     for r in (res,):
         assert "Traceback" not in r.stderr
+
+
+# -- settings that cannot work: named, permanent, at once ----------------------------------
+# The account's timeout is 60 s: a send that waited for it would outlast run_cli's 30 s.
+
+
+async def test_implicit_tls_on_a_starttls_port_is_named_not_retried(
+    run_cli: Run, server_context: Callable[..., ssl.SSLContext], ca_file: Path, tmp_path: Path
+) -> None:
+    async with FakeSMTPServer(Script(tls_context=server_context())) as server:
+        _write_config(tmp_path, server.port, ca_file, tls="implicit", timeout=60)
+        res = await run_cli("send", "--to", "bob@example.net", "--body", "x")
+    assert res.code == 76, res.stderr
+    assert (
+        f"smtp365: error: set to implicit TLS/SSL but the server expects STARTTLS on this port: "
+        f"localhost:{server.port} speaks plain SMTP first" in res.stderr
+    )
+    assert '"SSL on 587" is a misconfiguration' in res.stderr
+    assert (
+        "  fix: set tls = starttls (Microsoft 365: smtp.office365.com, port 587, tls = starttls)"
+        in res.stderr
+    )
+    assert "temporary" not in res.stderr and "TLS 1.2+" not in res.stderr
+    assert not server.messages
+
+
+async def test_starttls_on_an_implicit_tls_port_is_named_at_once(
+    run_cli: Run, server_context: Callable[..., ssl.SSLContext], ca_file: Path, tmp_path: Path
+) -> None:
+    async with ImplicitTLSServer(server_context(), handshake_timeout=120) as server:
+        _write_config(tmp_path, server.port, ca_file, timeout=60)
+        res = await run_cli("send", "--to", "bob@example.net", "--body", "x")
+    assert res.code == 76, res.stderr
+    assert f"smtp365: error: tls = starttls but localhost:{server.port} speaks implicit TLS" in (
+        res.stderr
+    )
+    assert (
+        "  fix: for Microsoft 365: port = 587 and tls = starttls; for another server that only "
+        "offers implicit TLS: tls = implicit" in res.stderr
+    )
+    assert "firewall" not in res.stderr and "temporary" not in res.stderr
+    assert server.commands == []
+
+
+async def test_an_untrusted_certificate_is_not_temporary(
+    run_cli: Run, server_context: Callable[..., ssl.SSLContext], tmp_path: Path
+) -> None:
+    async with FakeSMTPServer(Script(tls_context=server_context())) as server:
+        _write_config(tmp_path, server.port, None, timeout=60)
+        res = await run_cli("send", "--to", "bob@example.net", "--body", "x")
+    assert res.code == 76, res.stderr
+    assert "certificate" in res.stderr and "set ca_file" in res.stderr
+    assert "temporary" not in res.stderr
+
+
+async def test_a_refused_password_is_explained_as_a_password(
+    run_cli: Run, server_context: Callable[..., ssl.SSLContext], ca_file: Path, tmp_path: Path
+) -> None:
+    script = Script(
+        tls_context=server_context(), auth_reply="535 5.7.3 Authentication unsuccessful"
+    )
+    async with FakeSMTPServer(script) as server:
+        _write_config(
+            tmp_path, server.port, ca_file, auth="login", token_file=None, password_env="E2E_PW"
+        )
+        res = await run_cli(
+            "send", "--to", "bob@example.net", "--body", "x", env={"E2E_PW": "wrong"}
+        )
+    assert res.code == 77, res.stderr
+    assert "refused AUTH: 535 5.7.3 Authentication unsuccessful -- " in res.stderr
+    assert "password" in res.stderr and "app password" in res.stderr
+    assert "token" not in res.stderr and "New-ServicePrincipal" not in res.stderr

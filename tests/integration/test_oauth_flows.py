@@ -344,3 +344,16 @@ async def test_encrypted_cache_through_config(
     monkeypatch.setenv("SBX_CACHE_KEY", "another key")
     with pytest.raises(AuthError, match="cannot be decrypted"):
         await send_one(account, MsalTokenProvider(account))
+
+
+async def test_an_untrusted_identity_platform_certificate_is_permanent(
+    sb: Sandbox, tmp_path: Path
+) -> None:
+    """The sandbox's authority uses a private CA: without ca_file no retry can get a token."""
+    provider = MsalTokenProvider(secret_account(sb, tmp_path, ca_file=None))
+    with pytest.raises(AuthError) as info:
+        await provider.get_token()
+    err = info.value
+    assert not err.temporary, "a retry meets the same certificate"
+    assert f"https://localhost:{sb.identity_port}" in err.what and "certificate" in err.what
+    assert "set ca_file" in err.fix

@@ -206,8 +206,43 @@ def test_catalogue_row(line: str, key: str, temporary: bool, action: Action) -> 
     assert entry.meaning and entry.fix
 
 
+# (reply line, the mechanism AUTH used, expected key): one reply, explained per mechanism
+MECHANISM_CASES = [
+    ("535 5.7.3 Authentication unsuccessful [SY5P282CA0097.PROD.OUTLOOK.COM]", m, key)
+    for m, key in (
+        ("xoauth2", "xoauth2-rejected"),
+        ("XOAUTH2", "xoauth2-rejected"),
+        ("login", "password-rejected"),
+        ("plain", "password-rejected"),
+    )
+] + [
+    (line, m, key)
+    for line, key, _, _ in CASES
+    if line.startswith("535 5.7.139")
+    for m in ("login", "xoauth2")
+]
+
+
+@pytest.mark.parametrize(("line", "mechanism", "key"), MECHANISM_CASES)
+def test_auth_replies_follow_the_mechanism(line: str, mechanism: str, key: str) -> None:
+    entry = replies.lookup(_reply(line), mechanism=mechanism)
+    assert entry is not None and entry.key == key
+    assert not entry.temporary and entry.action is Action.FIX
+
+
+def test_a_refused_password_is_not_explained_as_a_token() -> None:
+    reply = _reply("535 5.7.3 Authentication unsuccessful")
+    password = replies.lookup(reply, mechanism="login")
+    token = replies.lookup(reply, mechanism="xoauth2")
+    assert password is not None and token is not None
+    assert "password" in password.meaning and "Basic authentication" in password.meaning
+    assert "token" not in password.meaning + password.fix
+    assert "New-ServicePrincipal" not in password.fix and "app password" in password.fix
+    assert "token" in token.meaning and "password" not in token.meaning + token.fix
+
+
 def test_every_entry_is_reachable() -> None:
-    covered = {key for _, key, _, _ in CASES}
+    covered = {key for _, key, _, _ in CASES} | {key for _, _, key in MECHANISM_CASES}
     assert covered == {e.key for e in replies.CATALOGUE}
 
 

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import http.server
 import logging
+import ssl
 import threading
 import time
 import urllib.parse
@@ -97,6 +98,61 @@ def _certificate_credential(account: AccountSettings) -> dict[str, str]:
     }
 
 
+def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure inside a requests exception, if that is what it
+    is (requests wraps urllib3's MaxRetryError, which wraps urllib3's SSLError, which wraps
+    the one from :mod:`ssl`)."""
+    todo: list[BaseException] = [exc]
+    seen: list[BaseException] = []
+    while todo:
+        cur = todo.pop()
+        if any(cur is s for s in seen):
+            continue
+        seen.append(cur)
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur
+        reason = getattr(cur, "reason", None)
+        linked = [*cur.args, reason, cur.__cause__, cur.__context__]
+        todo.extend(e for e in linked if isinstance(e, BaseException))
+    return None
+
+
+def _unreachable(
+    exc: requests.RequestException, account: AccountSettings, *, detail: str, fix: str
+) -> AuthError:
+    """No answer from the identity platform (``detail`` and ``fix`` say it). Temporary,
+    unless its certificate failed verification: then every retry meets the same certificate
+    until the settings change."""
+    where = account.authority_host
+    cert = _certificate_failure(exc)
+    if cert is None:
+        return AuthError(
+            f"cannot reach the identity platform at {account.authority}: {detail}",
+            fix=fix,
+            temporary=True,
+        )
+    reason = cert.verify_message or str(cert)
+    if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():
+        fix = (
+            f"the certificate is not valid for {where}: check authority_host (Microsoft: "
+            "https://login.microsoftonline.com); if it is right, something may be "
+            "intercepting TLS"
+        )
+    else:
+        fix = (
+            "if the identity platform uses a private CA (the smtp365 sandbox, a test "
+            "authority), set ca_file to that CA's PEM file; if you did not expect one "
+            "(login.microsoftonline.com uses public CAs), a proxy, antivirus or an attacker "
+            "may be intercepting TLS: do not send"
+        )
+    return AuthError(
+        f"cannot get a token: the TLS certificate of the identity platform at {where} was "
+        f"rejected: {reason}",
+        fix=fix,
+        temporary=False,
+    )
+
+
 def _auth_error(result: dict[str, Any], account: AccountSettings) -> AuthError:
     what, fix, temporary, relogin = aadsts.explain(result)
     if relogin and "--account" not in fix and account.flow is not Flow.CLIENT_CREDENTIALS:
@@ -176,10 +232,11 @@ class MsalTokenProvider:
                 fix="check tenant and authority_host",
             ) from None
         except requests.RequestException as exc:
-            raise AuthError(
-                f"cannot reach the identity platform at {a.authority}: {exc}",
+            raise _unreachable(
+                exc,
+                a,
+                detail=str(exc),
                 fix="check the network (and ca_file for a private authority)",
-                temporary=True,
             ) from None
 
     def _with_cache(self, operation: Callable[[msal.ClientApplication], Any]) -> Any:
@@ -193,11 +250,11 @@ class MsalTokenProvider:
             try:
                 return operation(self._app)
             except requests.RequestException as exc:
-                raise AuthError(
-                    f"cannot reach the identity platform at {self.account.authority}: "
-                    f"{type(exc).__name__}",
+                raise _unreachable(
+                    exc,
+                    self.account,
+                    detail=type(exc).__name__,
                     fix="check the network; trying again later can succeed",
-                    temporary=True,
                 ) from None
             finally:
                 if self._cache.has_state_changed:

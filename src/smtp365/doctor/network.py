@@ -39,24 +39,18 @@ from smtp365.config.model import MICROSOFT_PROFILES, PROFILES
 from smtp365.doctor.model import Check, CheckResult, DoctorContext, Status, result
 from smtp365.models import Reply
 from smtp365.transport.smtp import make_tls_context
+from smtp365.transport.tlsmode import (
+    IMPLICIT_ON_PLAIN_PORT,
+    PLAIN_FIRST_ON_TLS_PORT,
+    answered_in_plain_text,
+    no_greeting_but_tls,
+)
 
 EXPIRY_WARN_DAYS = 21
 _STAGGER = 0.25  # s between connection attempts to successive addresses (happy eyeballs)
 _SHORT_WAIT = 5.0  # s to wait for a clear-text banner before trying TLS (tls.mode)
 _SMTP_PORTS = (25, 587)
 _OLD_TLS = ("TLSv1", "TLSv1.1", "SSLv3")
-# OpenSSL's reasons for "what came back is not TLS at all" (usually a clear-text banner)
-_NOT_TLS = frozenset(
-    {
-        "WRONG_VERSION_NUMBER",
-        "RECORD_LAYER_FAILURE",
-        "PACKET_LENGTH_TOO_LONG",
-        "UNKNOWN_PROTOCOL",
-        "HTTP_REQUEST",
-        "UNEXPECTED_RECORD",
-        "RECORD_TOO_LARGE",
-    }
-)
 # X509_V_ERR_* codes (openssl/x509_vfy.h)
 _V_EXPIRED = 10
 _V_NOT_YET_VALID = 9
@@ -154,11 +148,6 @@ def _ssl_reason(exc: BaseException) -> str:
     if isinstance(exc, ConnectionError | EOFError) or (isinstance(exc, OSError) and not str(exc)):
         return "the server closed the connection during the TLS handshake"
     return str(exc) or type(exc).__name__
-
-
-def _not_tls(exc: BaseException) -> bool:
-    """The handshake failed because the server answered with something that is not TLS."""
-    return isinstance(exc, ssl.SSLError) and (exc.reason or "") in _NOT_TLS
 
 
 # -- TCP -----------------------------------------------------------------------
@@ -775,7 +764,7 @@ class SmtpGreeting:
         except _Failure as f:
             return _failure_result(self, f, ctx)
         except _TLSFailed as t:
-            if _not_tls(t.exc):
+            if answered_in_plain_text(t.exc):
                 return result(
                     self,
                     Status.FAIL,
@@ -874,7 +863,7 @@ class TlsMode:
             try:
                 await conn.start_tls(_probe_context(), a.host)
             except _TLSFailed as t:
-                if _not_tls(t.exc):
+                if answered_in_plain_text(t.exc):
                     return result(
                         self,
                         Status.PASS,
@@ -888,18 +877,17 @@ class TlsMode:
                     f"no TLS either ({_ssl_reason(t.exc)})",
                     fix="see smtp.greeting: the server or something on the path stalls",
                 )
-            version = conn.ssl_object.version() if conn.ssl_object else "TLS"
+            version = (conn.ssl_object.version() if conn.ssl_object else None) or "TLS"
             conn.abort()
+            mistake = PLAIN_FIRST_ON_TLS_PORT
             return result(
                 self,
                 Status.FAIL,
-                f"tls = {a.tls.value} but {where} speaks implicit TLS: no greeting in clear "
-                f"text within {wait:g} s, and a TLS handshake succeeded ({version})",
-                why="port 465 (SMTPS) starts TLS on the first byte; port 587 speaks plain SMTP "
-                "first and upgrades with STARTTLS. Microsoft 365 does not serve implicit TLS on "
-                "465: SMTP AUTH client submission is smtp.office365.com:587 with STARTTLS",
-                fix="for Microsoft 365: port = 587 and tls = starttls; for another server that "
-                "only offers implicit TLS: tls = implicit",
+                mistake.what(
+                    mode=a.tls.value, where=where, seen=no_greeting_but_tls(version, wait=wait)
+                ),
+                why=mistake.why,
+                fix=mistake.fix,
                 data={"observed": "implicit"},
             )
         finally:
@@ -934,18 +922,15 @@ class TlsMode:
                 plain.session = banner.code == 220
             finally:
                 await plain.close()
-        if banner is not None or _not_tls(tls_error):
+        if banner is not None or answered_in_plain_text(tls_error):
             seen = f"it greeted in clear text: {banner}" if banner else _ssl_reason(tls_error)
+            mistake = IMPLICIT_ON_PLAIN_PORT
             return result(
                 self,
                 Status.FAIL,
-                f"set to implicit TLS/SSL but the server expects STARTTLS on this port: "
-                f"{where} speaks plain SMTP first ({seen})",
-                why='implicit TLS ("SSL", port 465 style) starts TLS on the first byte; this '
-                'port greets in plain text and upgrades with STARTTLS. "SSL on 587" is a '
-                "misconfiguration",
-                fix="set tls = starttls (Microsoft 365: smtp.office365.com, port 587, "
-                "tls = starttls)",
+                mistake.what(where=where, seen=seen),
+                why=mistake.why,
+                fix=mistake.fix,
                 data={"observed": "plain"},
             )
         return result(

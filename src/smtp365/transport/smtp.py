@@ -8,7 +8,12 @@ Defences (security.md §3, client side):
 * STARTTLS is mandatory: not advertised, a reply other than ``220``, or bytes
   buffered after the ``220`` (a STARTTLS injection) stop the session before
   any credentials or mail are sent. There is no plain-text fallback.
-* Certificate chain and host name are verified; TLS 1.2 is the floor.
+* Certificate chain and host name are verified; TLS 1.2 is the floor. A certificate that
+  fails verification is a permanent error: retrying meets the same certificate.
+* The TLS mode must match the port. Implicit TLS answered in plain text, or a port that
+  does not greet in clear text within :data:`GREETING_WAIT` but completes a TLS handshake
+  (implicit TLS, 465) when STARTTLS is configured, is :class:`TLSModeMismatch` at once,
+  not a timeout.
 * EHLO is sent again after TLS and only those capabilities are trusted.
 * CR, LF and NUL in addresses are refused before anything is sent.
 """
@@ -50,14 +55,23 @@ from smtp365.errors import (
     StartTLSUnavailable,
     SubmissionRejected,
     TLSError,
+    TLSModeMismatch,
     TransportError,
     TransportTimeout,
 )
 from smtp365.models import DeliveryOutcome, Reply, Submission, shown, undecodable
+from smtp365.transport.tlsmode import (
+    IMPLICIT_ON_PLAIN_PORT,
+    PLAIN_FIRST_ON_TLS_PORT,
+    TLSModeMistake,
+    answered_in_plain_text,
+    no_greeting_but_tls,
+)
 
 log = logging.getLogger("smtp365.transport.smtp")
 
 _TLS_FLOOR = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_V_NOT_YET_VALID, _V_EXPIRED = 9, 10  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
 
 
 def check_address(address: str, *, what: str = "address") -> str:
@@ -189,7 +203,10 @@ def _rejected(
     *,
     recipient: str | None = None,
     auth: bool = False,
+    mechanism: str | None = None,
 ) -> SubmissionRejected:
+    """``mechanism``: for a reply to AUTH, the mechanism used (its catalogue entry depends on
+    it: ``535 5.7.3`` is a refused token after XOAUTH2, a refused password after LOGIN)."""
     reply = Reply.parse(code, message)
     cls = AuthenticationRejected if auth else SubmissionRejected
     return cls(
@@ -197,7 +214,7 @@ def _rejected(
         enhanced=reply.enhanced,
         text=reply.text,
         stage=stage,
-        entry=replies.lookup(reply),
+        entry=replies.lookup(reply, mechanism=mechanism),
         recipient=recipient,
     )
 
@@ -231,6 +248,48 @@ def _refused(exc: BaseException) -> bool:
         or f"[Errno {errno.ECONNREFUSED}]" in str(e)
         for e in _chain(exc)
     )
+
+
+def _closed_before_greeting(exc: BaseException) -> bool:
+    """The server closed (or reset) the connection before it greeted."""
+    return not _refused(exc) and any(
+        isinstance(e, SMTPServerDisconnected | ConnectionResetError) for e in _chain(exc)
+    )
+
+
+GREETING_WAIT = 5.0
+"""Seconds a connection without implicit TLS waits for the server's clear-text greeting
+(at most half the account's timeout) before it asks, over a second connection, whether the
+port speaks TLS from the first byte (implicit TLS, port 465): such a server waits for the
+client's ClientHello and never greets. The session goes on waiting for its greeting (up to
+the account's timeout) unless that TLS handshake succeeds."""
+
+
+async def _tls_first(account: AccountSettings) -> str | None:
+    """The TLS version, if ``host:port`` completes a TLS handshake as soon as it is connected
+    (implicit TLS); ``None`` if it answers in plain text, not at all, or fails otherwise.
+
+    Only to learn what the port speaks: the certificate is not verified, so nothing at all
+    is sent inside that TLS session, which is aborted at once.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        async with asyncio.timeout(account.timeout):
+            _, writer = await asyncio.open_connection(
+                account.host,
+                account.port,
+                ssl=context,
+                server_hostname=account.host,
+                ssl_handshake_timeout=account.timeout,
+            )
+    except (OSError, EOFError, TimeoutError, ValueError):
+        return None
+    ssl_object = writer.get_extra_info("ssl_object")
+    writer.transport.abort()
+    version = ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else None
+    return version or "TLS"
 
 
 class _StaleConnection(ConnectError):
@@ -311,7 +370,7 @@ class SmtpTransport:
         )
         self._smtp = smtp
         try:
-            await self._guard("connect", smtp.connect())
+            await self._open_session(smtp)
             await self._guard("ehlo", smtp.ehlo())
             if a.tls is TLSMode.STARTTLS:
                 assert ctx is not None
@@ -333,6 +392,52 @@ class SmtpTransport:
             a.auth.value,
             a.username,
         )
+
+    async def _open_session(self, smtp: aiosmtplib.SMTP) -> None:
+        """TCP (and, for implicit TLS, the handshake), then the server's greeting.
+
+        Without implicit TLS, a port that gives no clear-text greeting within
+        :data:`GREETING_WAIT` (or closes before greeting) is asked whether it speaks TLS from
+        the first byte; if it does, the settings cannot work, and waiting for the timeout
+        would only end in the wrong explanation (a firewall).
+        """
+        a = self.account
+        if a.tls is TLSMode.IMPLICIT:
+            await self._guard("connect", smtp.connect())
+            return
+        wait = min(GREETING_WAIT, a.timeout / 2)
+        connecting = asyncio.ensure_future(smtp.connect())
+        probing: asyncio.Future[str | None] | None = None
+        try:
+            await asyncio.wait({connecting}, timeout=wait)
+            if not connecting.done():
+                probing = asyncio.ensure_future(_tls_first(a))
+                await asyncio.wait({connecting, probing}, return_when=asyncio.FIRST_COMPLETED)
+                if not connecting.done() and (version := probing.result()) is not None:
+                    raise self._mode_mismatch(
+                        PLAIN_FIRST_ON_TLS_PORT, no_greeting_but_tls(version, wait=wait)
+                    )
+                await asyncio.wait({connecting})  # plain text after all (a slow greeting)
+            try:
+                connecting.result()
+            except (SMTPException, OSError) as exc:
+                if probing is None and _closed_before_greeting(exc):
+                    version = await _tls_first(a)
+                    if version is not None:
+                        raise self._mode_mismatch(
+                            PLAIN_FIRST_ON_TLS_PORT, no_greeting_but_tls(version, wait=None)
+                        ) from None
+                raise self._map(exc, "connect") from None
+        finally:
+            pending = [t for t in (connecting, probing) if t is not None]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _mode_mismatch(self, mistake: TLSModeMistake, seen: str) -> TLSModeMismatch:
+        a = self.account
+        what = mistake.what(mode=a.tls.value, where=f"{a.host}:{a.port}", seen=seen)
+        return TLSModeMismatch(f"{what} -- {mistake.why}", fix=mistake.fix)
 
     def _record_tls(self, smtp: aiosmtplib.SMTP) -> None:
         ssl_obj = smtp.get_transport_info("ssl_object")
@@ -443,25 +548,23 @@ class SmtpTransport:
         where = f"{a.host}:{a.port}"
         if isinstance(exc, SMTPResponseException):
             return _rejected(
-                stage, exc.code, exc.message, auth=isinstance(exc, SMTPAuthenticationError)
+                stage,
+                exc.code,
+                exc.message,
+                auth=isinstance(exc, SMTPAuthenticationError),
+                mechanism=a.auth.value if stage == "auth" else None,
             )
         cause = _ssl_cause(exc)
         if isinstance(cause, ssl.SSLCertVerificationError):
-            reason = cause.verify_message or str(cause)
-            if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():
-                fix = (
-                    f"the certificate is not valid for {a.host!r}: connect with the name on the "
-                    "certificate (Exchange Online: smtp.office365.com), not an IP or alias"
-                )
-            else:
-                fix = (
-                    "the server's certificate chain is not trusted: if it is a private CA, "
-                    "set ca_file to its PEM; if you did not expect that, someone may be "
-                    "intercepting TLS"
-                )
-            return TLSError(
-                f"TLS certificate of {where} rejected during {stage}: {reason}", fix=fix
-            )
+            return self._untrusted(cause, stage)
+        if (
+            cause is not None
+            and stage == "connect"
+            and a.tls is TLSMode.IMPLICIT
+            and answered_in_plain_text(cause)
+        ):
+            seen = f"the TLS handshake was answered in plain text: {cause.reason}"
+            return self._mode_mismatch(IMPLICIT_ON_PLAIN_PORT, seen)
         if cause is not None:
             return TLSError(
                 f"TLS failed with {where} during {stage}: {cause.reason or cause}",
@@ -486,6 +589,36 @@ class SmtpTransport:
         return ConnectError(
             f"cannot talk to {where} during {stage}: {exc}",
             fix="check the host name, port and network; `smtp365 doctor` tells more",
+        )
+
+    def _untrusted(self, cause: ssl.SSLCertVerificationError, stage: str) -> TLSError:
+        """The certificate failed verification: permanent, as a retry meets the same
+        certificate until the configuration (or the server) changes."""
+        a = self.account
+        reason = cause.verify_message or str(cause)
+        if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():
+            fix = (
+                f"the certificate is not valid for {a.host!r}: connect with the name on the "
+                "certificate (Exchange Online: smtp.office365.com), not an IP or alias"
+            )
+        elif cause.verify_code == _V_EXPIRED:
+            fix = (
+                "the server's certificate has expired: its administrator must renew it; if "
+                "this should be Exchange Online, check that you reach the real "
+                "smtp.office365.com (a proxy may present its own stale certificate)"
+            )
+        elif cause.verify_code == _V_NOT_YET_VALID:
+            fix = "the certificate is not valid yet: check this machine's clock (date, NTP)"
+        else:
+            fix = (
+                "the server's certificate chain is not trusted: if it is a private CA, "
+                "set ca_file to its PEM; if you did not expect that, someone may be "
+                "intercepting TLS"
+            )
+        return TLSError(
+            f"TLS certificate of {a.host}:{a.port} rejected during {stage}: {reason}",
+            fix=fix,
+            temporary=False,
         )
 
     # -- submission ---------------------------------------------------------

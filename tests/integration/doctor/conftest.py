@@ -10,7 +10,6 @@ import os
 import select
 import shutil
 import socket
-import ssl
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,60 +21,6 @@ import pytest
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
-
-
-class ImplicitTLSServer:
-    """An SMTP server that speaks TLS from the first byte (port 465 style)."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.context = context
-        self.commands: list[str] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> ImplicitTLSServer:
-        self._server = await asyncio.start_server(
-            self._handle, "127.0.0.1", 0, ssl=self.context, ssl_handshake_timeout=5
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-        await asyncio.sleep(0)  # let aborted transports run their close callbacks
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-
-        async def send(*lines: str) -> None:
-            writer.write(b"".join(line.encode() + b"\r\n" for line in lines))
-            await writer.drain()
-
-        try:
-            await send("220 implicit.test ESMTP ready")
-            while raw := await reader.readline():
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                self.commands.append(line)
-                verb = line.split(" ", 1)[0].upper()
-                if verb == "EHLO":
-                    await send("250-implicit.test Hello", "250-AUTH LOGIN XOAUTH2", "250 SMTPUTF8")
-                elif verb == "QUIT":
-                    await send("221 2.0.0 Bye")
-                    return
-                else:
-                    await send("500 5.3.3 Unrecognized command")
-        except (ConnectionError, ssl.SSLError):
-            return
-        finally:
-            writer.transport.abort()
 
 
 @dataclass

@@ -20,8 +20,8 @@ from smtp365.doctor import network
 from smtp365.doctor.model import CheckResult, DoctorContext, Status
 from smtp365.doctor.network import network_checks
 from smtp365.doctor.runner import run_checks
-from tests.fakesmtp import FakeSMTPServer, Script
-from tests.integration.doctor.conftest import DropTarget, ImplicitTLSServer
+from tests.fakesmtp import FakeSMTPServer, ImplicitTLSServer, Script
+from tests.integration.doctor.conftest import DropTarget
 
 MakeAccount = Callable[..., AccountSettings]
 ServerContext = Callable[..., ssl.SSLContext]
