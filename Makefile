@@ -41,7 +41,8 @@ soak: $(STAMP)
 fuzz: $(STAMP)
 	seed=$${FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; echo "FUZZ_SEED=$$seed"; \
 	FUZZ_SEED=$$seed FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-3000} \
-	$(BIN)/python -m pytest -q -s --timeout=0 tests/relay/test_fuzz_listener.py tests/relay/test_session_machine.py
+	$(BIN)/python -m pytest -q -s --timeout=0 tests/relay/test_fuzz_listener.py tests/relay/test_session_machine.py \
+		tests/relay/test_fuzz_delivery.py tests/integration/sandbox/test_sandbox_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/send_throughput.py

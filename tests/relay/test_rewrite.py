@@ -47,3 +47,11 @@ def test_display_name_cannot_inject_headers_or_quotes() -> None:
     msg = parse(out)
     assert [a.addr_spec for a in msg["From"].addresses] == [MBX]
     assert msg["Bcc"] is None
+
+
+def test_a_leading_continuation_line_cannot_continue_the_new_from() -> None:
+    head = b" , a@printer.local\r\nReply-To: help@printer.local\r\n"
+    out = rewrite_headers(head, MBX, "a@printer.local")
+    assert out.startswith(b" , a@printer.local\r\n")  # continues what stands before, as sent
+    msg = parse(b"Received: x\r\n" + out)
+    assert [a.addr_spec for a in msg["From"].addresses] == [MBX]

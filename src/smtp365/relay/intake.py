@@ -110,6 +110,9 @@ def rewrite_headers(head: bytes, mailbox: str, original_sender: str) -> bytes:
 
     ``head`` is the header section without the empty line that ends it."""
     fields = _fields(head)
+    # A section that starts with a continuation line continues the field before it (the
+    # Received: written in front): it must not continue the new From: (a sender smuggled in).
+    orphan = fields.pop(0) if fields and fields[0][:1] in (b" ", b"\t") else b""
     names = [_name(f) for f in fields]
     old_from = next((f for f, n in zip(fields, names, strict=True) if n == b"from"), None)
     keep = [f for f, n in zip(fields, names, strict=True) if n not in (b"from", b"sender")]
@@ -123,7 +126,7 @@ def rewrite_headers(head: bytes, mailbox: str, original_sender: str) -> bytes:
     new = [f"From: {_quote(display)} <{mailbox}>\r\n".encode()]
     if b"reply-to" not in names and value:
         new.append(b"Reply-To: " + value + b"\r\n")
-    return b"".join(new + keep)
+    return orphan + b"".join(new + keep)
 
 
 def _clean_display(text: str) -> str:
