@@ -38,7 +38,7 @@ from typing import Any
 
 import hypothesis
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import smtp365.transport.smtp as smtp_transport
@@ -60,6 +60,7 @@ from tests.relay.test_delivery import ALICE, BOB, account_for, message
 
 from .listener_helpers import HOSTNAME, LOCALHOST
 from .test_fuzz_listener import (
+    FUZZ_SETTINGS,
     WRITTEN_OUT,
     CrashTrap,
     crash_replies,
@@ -294,18 +295,8 @@ def _sync(rig: Rig, loop: asyncio.AbstractEventLoop) -> Callable[[list[list[byte
 
 
 async def test_bad_messages_never_break_the_delivery_of_others(rig: Rig) -> None:
-    run = settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-        ],
-        derandomize=SEED is None,
-        database=None,
-        phases=[p for p in hypothesis.Phase if p is not hypothesis.Phase.explain],
-    )(given(hostile_sessions)(_sync(rig, asyncio.get_running_loop())))
+    budget = settings(FUZZ_SETTINGS, max_examples=EXAMPLES)  # deliveries: fewer by default
+    run = budget(given(hostile_sessions)(_sync(rig, asyncio.get_running_loop())))
     if SEED is not None:
         run = hypothesis.seed(int(SEED))(run)
     # hypothesis is synchronous: it runs in a thread, each example on this loop.

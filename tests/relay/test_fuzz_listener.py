@@ -822,24 +822,28 @@ def _checker(
     return check
 
 
+FUZZ_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+    derandomize=SEED is None,
+    database=None,
+    # The explain phase traces every line the failing sessions run: minutes, not seconds.
+    phases=[p for p in hypothesis.Phase if p is not hypothesis.Phase.explain],
+)
+"""The budget and conventions of a fuzz run (``FUZZ_EXAMPLES``, ``FUZZ_SEED``)."""
+
+
 async def _fuzz(
     relay: Relay, trap: CrashTrap, strategy: st.SearchStrategy[list[bytes]], *, rewrite: bool
 ) -> Counter[str]:
     seen: Counter[str] = Counter()
     check = _checker(relay, asyncio.get_running_loop(), trap, seen, rewrite=rewrite, expected={})
-    run = settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-        ],
-        derandomize=SEED is None,
-        database=None,
-        # The explain phase traces every line the failing sessions run: minutes, not seconds.
-        phases=[p for p in hypothesis.Phase if p is not hypothesis.Phase.explain],
-    )(given(strategy)(check))
+    run = FUZZ_SETTINGS(given(strategy)(check))
     if SEED is not None:
         run = hypothesis.seed(int(SEED))(run)
     # hypothesis is synchronous: it runs in a thread, each session on this loop.
