@@ -243,6 +243,22 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         fragments=("sendasdenied",),
     ),
     _row(
+        "sender-rejected",
+        ("5.1.0", "5.7.255"),
+        "the server does not let this account send as this sender (the send-as problem: "
+        "Postfix's `Sender address rejected: not owned by user`, Exchange Server's `Client does "
+        "not have permissions to send as this sender`); it may answer at RCPT, not at MAIL",
+        "send as the signed-in mailbox itself (or rewrite the sender to it: `rewrite_sender` in "
+        "the relay), or have the server's administrator allow this sender for the account",
+        codes=(550, 553, 554),
+        fragments=(
+            "sender address rejected",
+            "not owned by user",
+            "permissions to send as this sender",
+            "not allowed to send as",
+        ),
+    ),
+    _row(
         "concurrent-connections",
         "4.3.2",
         "more than 3 concurrent connections for this mailbox",

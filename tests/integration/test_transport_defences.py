@@ -269,3 +269,18 @@ async def test_plain_auth_allowed_only_to_localhost(make_account: MakeAccount) -
         account = make_account(server.port, host="127.0.0.1", tls="none")
         async with SmtpTransport(account) as t:
             assert (await t.submit(SUB)).reply.code == 250
+
+
+async def test_a_sender_refused_at_rcpt_by_any_server_is_the_send_as_problem(
+    server_context: Callable[..., ssl.SSLContext], make_account: MakeAccount
+) -> None:
+    # Postfix (smtpd_delay_reject) answers the sender restriction at RCPT
+    line = "553 5.7.1 <alice@contoso.test>: Sender address rejected: not owned by user bob"
+    script = Script(tls_context=server_context(), rcpt_replies={"bob@example.net": line})
+    async with FakeSMTPServer(script) as server:
+        with pytest.raises(SubmissionRejected) as info:
+            async with SmtpTransport(make_account(server.port)) as t:
+                await t.submit(SUB)
+    err = info.value
+    assert err.stage == "rcpt" and err.entry is not None and err.entry.key == "sender-rejected"
+    assert "send as" in str(err) and not err.temporary

@@ -188,6 +188,18 @@ CASES = [
         Action.FIX,
     ),
     ("503 5.5.2 Send hello first", "hello-first", False, Action.FIX),
+    (
+        "553 5.7.1 <scan@printer.local>: Sender address rejected: not owned by user alice",
+        "sender-rejected",
+        False,
+        Action.FIX,
+    ),
+    (
+        "550 5.7.1 Client does not have permissions to send as this sender",
+        "sender-rejected",
+        False,
+        Action.FIX,
+    ),
 ]
 
 
