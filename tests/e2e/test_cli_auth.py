@@ -108,6 +108,9 @@ async def test_device_code_login_status_token_send_logout(
 
     out_ = await run_cli("auth", "logout", env=extra)
     assert out_.code == 0 and not cache.exists()
+    after = await run_cli("auth", "status", env=extra)
+    assert after.code == 77 and "not signed in" in after.stderr, after.stdout + after.stderr
+    assert "auth login --account me" in after.stderr
     again = await run_cli("send", "--to", "bob@example.net", "--body", "x", env=extra)
     assert again.code == 77 and "auth login --account me" in again.stderr
 
@@ -118,8 +121,15 @@ async def test_app_login_and_bad_secret(run_cli: Run, sb: Sandbox, tmp_path: Pat
     res = await run_cli("auth", "login", "--account", "app", env=extra)
     assert res.code == 0, res.stderr
     assert "SMTP.SendAsApp" in res.stdout and "claims check OK" in res.stdout
+    status = await run_cli("auth", "status", "--account", "app", env=extra)
+    assert status.code == 0 and "claims check OK" in status.stdout  # the cached token
     (tmp_path / "client-secret").write_text("not-the-secret")
     await run_cli("auth", "logout", "--account", "app", env=extra)
+    # status only reads the cache: it never gets a token (so it cannot sign in again)
+    requests = sum(sb.identity.stats.token_requests.values())
     res = await run_cli("auth", "status", "--account", "app", env=extra)
+    assert res.code == 0 and "none cached" in res.stdout, res.stdout + res.stderr
+    assert sum(sb.identity.stats.token_requests.values()) == requests
+    res = await run_cli("auth", "login", "--account", "app", env=extra)
     assert res.code == 77
     assert "AADSTS7000215" in res.stderr and "fix:" in res.stderr

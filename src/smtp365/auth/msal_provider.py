@@ -458,6 +458,26 @@ class MsalTokenProvider:
             self._cache = msal.SerializableTokenCache()
             return self._cache_file.delete()
 
+    def cached(self) -> tuple[AccessToken | None, list[str]]:
+        """What the cache holds, without a request to the identity platform: this target's
+        unexpired access token with the latest expiry (``None``: none), and the users signed
+        in (delegated flows; they have a refresh token)."""
+        kinds = msal.TokenCache.CredentialType
+        with self._lock, self._cache_file.locked():
+            text = self._cache_file.read()
+            if text:
+                self._cache.deserialize(text)
+            query = {"client_id": self.account.client_id}
+            entries = list(self._cache.search(kinds.ACCESS_TOKEN, target=self.scopes, query=query))
+            users = [str(a.get("username", "")) for a in self._cache.search(kinds.ACCOUNT)]
+        best = max(entries, key=lambda e: int(e.get("expires_on", 0)), default=None)
+        token = None
+        if best is not None and best.get("secret"):
+            token = AccessToken(
+                token=str(best["secret"]), expires_at=float(best["expires_on"]), source="cache"
+            )
+        return token, [] if self.app_only else users
+
     def signed_in_users(self) -> list[str]:
         def op(app: msal.ClientApplication) -> list[str]:
             return [str(a.get("username", "")) for a in app.get_accounts()]

@@ -116,12 +116,16 @@ def status(
     graph: GraphOpt = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Who is signed in, the token's audience, permissions and expiry, and the claims check."""
+    """Who is signed in, and the cached token's audience, permissions, expiry and claims
+    check. Never asks the identity platform for a token (`auth token` does)."""
     provider = _provider(config, account, graph)
     try:
-        token = provider.get_token_sync()
+        token, users = provider.cached()
     except Smtp365Error as exc:
         fail(exc, as_json=as_json)
+    if token is None:
+        _no_cached_token(provider, users, as_json=as_json)
+        return
     info = describe(token, provider.target, provider.account.username)
     data = _summary(provider, info)
     if as_json:
@@ -130,6 +134,29 @@ def status(
         _print_summary(data)
     if info.get("problems"):
         raise typer.Exit(exitcodes.NOPERM)
+
+
+def _no_cached_token(provider: MsalTokenProvider, users: list[str], *, as_json: bool) -> None:
+    """``auth status`` without a cached access token: signed in (a refresh token), an app
+    that gets its token when it sends, or not signed in at all (exit NOPERM)."""
+    a = provider.account
+    signed_in = provider.app_only or bool(users)
+    if as_json:
+        print_json({**_summary(provider, {}), "signed_in": signed_in, "users": users})
+    else:
+        say(f"account      {a.name} ({a.flow.value}, {provider.target})")
+        say(f"token cache  {a.token_cache}")
+        if users:
+            say(f"signed in    {', '.join(users)}; no access token cached: the next send gets one")
+        elif provider.app_only:
+            say("token        none cached: the app gets one when it sends")
+    if provider.app_only or users:
+        if not as_json:
+            say(f"             (`smtp365 auth token --account {a.name}` gets one now)")
+        return
+    if not as_json:
+        tell(("not signed in", "bold red"), f": run `smtp365 auth login --account {a.name}`")
+    raise typer.Exit(exitcodes.NOPERM)
 
 
 @app.command("token")
