@@ -96,6 +96,13 @@ async def test_sandbox_lifecycle_env_send_messages(run_cli: Run, tmp_path: Path)
         json.loads((state / "sandbox.json").read_text()).get("running") is False
         or sys.platform != "linux"
     )
+    stopped = await run_cli("sandbox", "env", "--state-dir", str(state), "-m", "a@contoso.test")
+    assert stopped.code == 69 and "not running" in stopped.stderr and not stopped.stdout
+    # killed (kill -9): sandbox.json still says running, but its process is gone
+    info = json.loads((state / "sandbox.json").read_text())
+    (state / "sandbox.json").write_text(json.dumps({**info, "running": True}))
+    killed = await run_cli("sandbox", "env", "--state-dir", str(state), "-m", "a@contoso.test")
+    assert killed.code == 69 and "start it: smtp365 sandbox" in killed.stderr
 
 
 async def test_sandbox_commands_without_a_sandbox(run_cli: Run, tmp_path: Path) -> None:

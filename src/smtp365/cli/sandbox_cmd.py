@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.policy
+import os
 import shlex
 import smtplib
 import sys
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from smtp365 import sandbox
+from smtp365.cli import exitcodes
 from smtp365.cli.output import die, fail, print_json, say
 from smtp365.config import Settings
 from smtp365.errors import Smtp365Error
@@ -42,6 +44,21 @@ def _info(state_dir: Path) -> dict[str, Any]:
             fix=f"start one first: smtp365 sandbox --state-dir {state_dir}",
             code=66,
         )
+
+
+def _running(info: dict[str, Any]) -> bool:
+    """``sandbox.json`` says running and its process is alive (a killed sandbox cannot say
+    it stopped)."""
+    pid = info.get("pid")
+    if not info.get("running") or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 @app.callback()
@@ -137,6 +154,13 @@ def env(
 ) -> None:
     """Print `export SMTP365_*=...` lines that point smtp365 at the running sandbox."""
     info = _info(state_dir)
+    if not _running(info):
+        when = info.get("stopped_at") or "it was killed"
+        die(
+            f"the sandbox in {state_dir} is not running (stopped: {when}); its ports are gone",
+            fix=f"start it: smtp365 sandbox --state-dir {state_dir}",
+            code=exitcodes.UNAVAILABLE,
+        )
     values = {
         "SMTP365_PROFILE": "custom",
         "SMTP365_HOST": "localhost",
