@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import email.policy
-import os
 import shlex
 import smtplib
 import sys
@@ -44,21 +43,6 @@ def _info(state_dir: Path) -> dict[str, Any]:
             fix=f"start one first: smtp365 sandbox --state-dir {state_dir}",
             code=66,
         )
-
-
-def _running(info: dict[str, Any]) -> bool:
-    """``sandbox.json`` says running and its process is alive (a killed sandbox cannot say
-    it stopped)."""
-    pid = info.get("pid")
-    if not info.get("running") or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, another user's
-    return True
 
 
 @app.callback()
@@ -154,7 +138,7 @@ def env(
 ) -> None:
     """Print `export SMTP365_*=...` lines that point smtp365 at the running sandbox."""
     info = _info(state_dir)
-    if not _running(info):
+    if not info.get("running"):  # read_info checks that its process is alive
         when = info.get("stopped_at") or "it was killed"
         die(
             f"the sandbox in {state_dir} is not running (stopped: {when}); its ports are gone",
