@@ -10,6 +10,7 @@ import asyncio
 import html
 import logging
 import re
+import socket
 import ssl
 import stat
 import threading
@@ -357,3 +358,17 @@ async def test_an_untrusted_identity_platform_certificate_is_permanent(
     assert not err.temporary, "a retry meets the same certificate"
     assert f"https://localhost:{sb.identity_port}" in err.what and "certificate" in err.what
     assert "set ca_file" in err.fix
+
+
+async def test_an_identity_platform_that_refuses_connections_gets_a_fix(
+    sb: Sandbox, tmp_path: Path
+) -> None:
+    with socket.socket() as closed:  # a port nothing listens on (bound, never listening)
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        account = secret_account(sb, tmp_path, authority_host=f"https://localhost:{port}")
+        with pytest.raises(AuthError) as info:
+            await MsalTokenProvider(account).get_token()
+    err = info.value
+    assert err.temporary and "connection refused" in err.what
+    assert "sandbox env --oauth" in err.fix

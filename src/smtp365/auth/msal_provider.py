@@ -9,6 +9,7 @@ Tokens are refreshed ``refresh_window`` seconds before they expire, checked
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import http.server
 import logging
@@ -117,6 +118,25 @@ def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | N
     return None
 
 
+def _refused(exc: BaseException) -> bool:
+    """Somewhere in the chain of ``exc``, a refused TCP connection."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        cur = pending.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, ConnectionRefusedError) or f"[Errno {errno.ECONNREFUSED}]" in str(cur):
+            return True
+        pending += [e for e in (cur.__cause__, cur.__context__) if e is not None]
+        pending += [a for a in cur.args if isinstance(a, BaseException)]
+        reason = getattr(cur, "reason", None)
+        if isinstance(reason, BaseException):
+            pending.append(reason)
+    return False
+
+
 def _unreachable(
     exc: requests.RequestException, account: AccountSettings, *, detail: str, fix: str
 ) -> AuthError:
@@ -125,6 +145,18 @@ def _unreachable(
     until the settings change."""
     where = account.authority_host
     cert = _certificate_failure(exc)
+    if cert is None and _refused(exc):
+        local = is_local_authority(where)
+        return AuthError(
+            f"cannot reach the identity platform at {account.authority}: connection refused "
+            "(nothing listens there)",
+            fix="start the sandbox, or point authority_host at the port it listens on now "
+            "(`smtp365 sandbox env --oauth` prints it)"
+            if local
+            else "check authority_host (Microsoft: https://login.microsoftonline.com) and that "
+            "a proxy or firewall lets HTTPS through",
+            temporary=True,
+        )
     if cert is None:
         return AuthError(
             f"cannot reach the identity platform at {account.authority}: {detail}",

@@ -33,17 +33,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import json
+import logging
 import os
 import signal
 import ssl
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from .faults import Faults
 from .httpserver import HttpServer
@@ -68,6 +70,8 @@ __all__ = [
 ]
 
 INFO_FILE = "sandbox.json"
+log = logging.getLogger("smtp365.sandbox")
+_Listening = TypeVar("_Listening")
 MESSAGES_DIR = "messages"
 INFO_VERSION = 1
 
@@ -198,18 +202,30 @@ class Sandbox:
             tls_context=server_tls_context(self.pki),
         )
         self.store.dir.mkdir(parents=True, exist_ok=True)
-        server = await loop.create_server(
-            lambda: ExchangeSMTP(ctx), self.settings.smtp_host, self.settings.smtp_port
-        )
-        if self.settings.identity_enabled:
-            http = HttpServer(
-                self.identity.handle,
-                host=self.settings.smtp_host,
-                port=self.settings.identity_port,
-                ssl_context=identity_tls_context(self.pki),
+        smtp_before, identity_before = self._previous_ports()
+
+        async def listen_smtp(port: int) -> asyncio.Server:
+            return await loop.create_server(
+                lambda: ExchangeSMTP(ctx), self.settings.smtp_host, port
             )
-            try:
+
+        server = await _bind(listen_smtp, self.settings.smtp_port, smtp_before, "SMTP")
+        if self.settings.identity_enabled:
+
+            async def listen_identity(port: int) -> HttpServer:
+                http = HttpServer(
+                    self.identity.handle,
+                    host=self.settings.smtp_host,
+                    port=port,
+                    ssl_context=identity_tls_context(self.pki),
+                )
                 await http.start()
+                return http
+
+            try:
+                http = await _bind(
+                    listen_identity, self.settings.identity_port, identity_before, "identity"
+                )
             except BaseException:
                 server.close()
                 await server.wait_closed()
@@ -221,6 +237,19 @@ class Sandbox:
         self.smtp_port = int(server.sockets[0].getsockname()[1])
         self._started_at = _utcnow()
         _write_json(self.info_file, self.info(running=True))
+
+    def _previous_ports(self) -> tuple[int, int]:
+        """The SMTP and identity ports of this state directory's last run (0: none), so a
+        restarted sandbox keeps the addresses its users configured (the OAuth authority
+        host carries the identity port)."""
+        try:
+            data = json.loads(self.info_file.read_text("utf-8"))
+            smtp = int(data.get("smtp", {}).get("port") or 0)
+            identity = int((data.get("identity") or {}).get("port") or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0, 0
+        valid = range(1, 65536)
+        return (smtp if smtp in valid else 0), (identity if identity in valid else 0)
 
     async def stop(self) -> None:
         server, ctx = self._server, self._ctx
@@ -436,6 +465,28 @@ def run(
                     loop.remove_signal_handler(sig)
 
     asyncio.run(main())
+
+
+async def _bind(
+    listen: Callable[[int], Awaitable[_Listening]], configured: int, previous: int, what: str
+) -> _Listening:
+    """``listen`` on the configured port; with none configured (0), on the port of the last
+    run when it is free, else on any free port (with a warning: configurations written for
+    the old port must change)."""
+    if configured or not previous:
+        return await listen(configured)
+    try:
+        return await listen(previous)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+    log.warning(
+        "the %s port %d of the sandbox's last run is in use: it listens on another one now "
+        "(set smtp_port / identity_port in the sandbox settings to keep one for good)",
+        what,
+        previous,
+    )
+    return await listen(0)
 
 
 def read_info(state_dir: Path) -> dict[str, Any]:

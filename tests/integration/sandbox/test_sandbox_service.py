@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import smtplib
+import socket
 import ssl
 import stat
 import subprocess
@@ -340,3 +341,32 @@ def test_settings_toml_round_trip(tmp_path: Path) -> None:
 def test_info_file_is_valid_json_for_other_readers(sandbox: Sandbox) -> None:
     data = json.loads((sandbox.state_dir / "sandbox.json").read_text("utf-8"))
     assert data["smtp"]["port"] == sandbox.smtp_port
+
+
+async def test_a_restarted_sandbox_keeps_its_ports(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "restart"
+    first = Sandbox(state)
+    await first.start()
+    ports, authority = (first.smtp_port, first.identity_port), first.authority
+    await first.stop()
+    again = Sandbox(state)
+    await again.start()
+    try:
+        # configurations written from the first run (SMTP365_PORT, the OAuth authority) work
+        assert (again.smtp_port, again.identity_port) == ports
+        assert again.authority == authority
+    finally:
+        await again.stop()
+    # the old identity port is taken: another one, and a warning that says so
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[1]))
+        taken.listen()
+        moved = Sandbox(state)
+        await moved.start()
+        try:
+            assert moved.identity_port != ports[1] and moved.smtp_port == ports[0]
+        finally:
+            await moved.stop()
+    assert any("identity port" in r.getMessage() for r in caplog.records)
