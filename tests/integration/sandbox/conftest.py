@@ -20,6 +20,7 @@ import smtplib
 import socket
 import ssl
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ import jwt
 import msal
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from smtp365.sandbox import (
     DEFAULT_PUBLIC_APP_ID,
@@ -633,3 +636,28 @@ def https_request(sb: Sandbox, method: str, target: str | bytes, **kwargs: Any) 
     answer = parse_answer(data)
     assert answer is not None, f"no response: {data[:200]!r}"
     return answer
+
+
+def registered_key(sb: Sandbox) -> tuple[Any, str]:
+    """The default app's generated signing key and its certificate's x5t thumbprint."""
+    cert = sb.client_certificates[sb.settings.default_app_id]
+    key = serialization.load_pem_private_key(cert.key_file.read_bytes(), password=None)
+    sha1 = x509.load_pem_x509_certificate(cert.cert_file.read_bytes()).fingerprint(hashes.SHA1())
+    return key, base64.urlsafe_b64encode(sha1).rstrip(b"=").decode()
+
+
+def assertion_claims(sb: Sandbox, **overrides: object) -> dict[str, object]:
+    """The claims of a valid client assertion for the default app (``overrides`` replace them)."""
+    now = int(time.time())
+    app_id = sb.settings.default_app_id
+    claims: dict[str, object] = {
+        "aud": sb.identity.token_endpoint,
+        "iss": app_id,
+        "sub": app_id,
+        "jti": str(uuid.uuid4()),
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+    }
+    claims.update(overrides)
+    return claims

@@ -3,7 +3,6 @@ tokens accepted by SMTP XOAUTH2, MSAL's cache, and Entra's AADSTS errors (refere
 
 from __future__ import annotations
 
-import base64
 import time
 import uuid
 from pathlib import Path
@@ -11,12 +10,10 @@ from pathlib import Path
 import jwt
 import msal
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from smtp365.sandbox import AppSettings, Sandbox, SandboxSettings, ensure_client_certificate
 
-from .conftest import claims_of, xoauth2_send
+from .conftest import assertion_claims, claims_of, registered_key, xoauth2_send
 
 EXCHANGE = ["https://outlook.office365.com/.default"]
 GRAPH = ["https://graph.microsoft.com/.default"]
@@ -162,23 +159,10 @@ def test_registered_thumbprint_signed_by_another_key(sandbox: Sandbox, cca, tmp_
 
 
 def _assertion(sb: Sandbox, **overrides: object) -> str:
-    cert = sb.client_certificates[sb.settings.default_app_id]
-    key = serialization.load_pem_private_key(cert.key_file.read_bytes(), password=None)
-    now = int(time.time())
-    app_id = sb.settings.default_app_id
-    claims = {
-        "aud": sb.identity.token_endpoint,
-        "iss": app_id,
-        "sub": app_id,
-        "jti": str(uuid.uuid4()),
-        "iat": now,
-        "nbf": now,
-        "exp": now + 600,
-    }
-    claims.update(overrides)
-    sha1 = x509.load_pem_x509_certificate(cert.cert_file.read_bytes()).fingerprint(hashes.SHA1())
-    thumb = base64.urlsafe_b64encode(sha1).rstrip(b"=").decode()
-    return jwt.encode(claims, key, algorithm="RS256", headers={"x5t": thumb})
+    key, thumb = registered_key(sb)
+    return jwt.encode(
+        assertion_claims(sb, **overrides), key, algorithm="RS256", headers={"x5t": thumb}
+    )
 
 
 @pytest.mark.parametrize(

@@ -6,19 +6,15 @@ AADSTS error, or a plain 400 for a request that is not HTTP), the SMTP server wi
 from __future__ import annotations
 
 import base64
-import time
-import uuid
 from typing import Any
 from urllib.parse import urlencode
 
 import jwt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from smtp365.sandbox import DEFAULT_PUBLIC_APP_ID, Sandbox
 
-from .conftest import FailureLog, HttpAnswer, https_request
+from .conftest import FailureLog, HttpAnswer, assertion_claims, https_request, registered_key
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 EXCHANGE_DEFAULT = "https://outlook.office365.com/.default"
@@ -94,29 +90,6 @@ def test_request_target_forms(sandbox: Sandbox) -> None:
     assert https_request(sandbox, "GET", absolute).status == 200
 
 
-def _registered_key(sb: Sandbox) -> tuple[Any, str]:
-    cert = sb.client_certificates[sb.settings.default_app_id]
-    key = serialization.load_pem_private_key(cert.key_file.read_bytes(), password=None)
-    sha1 = x509.load_pem_x509_certificate(cert.cert_file.read_bytes()).fingerprint(hashes.SHA1())
-    return key, base64.urlsafe_b64encode(sha1).rstrip(b"=").decode()
-
-
-def _claims(sb: Sandbox, **overrides: object) -> dict[str, object]:
-    now = int(time.time())
-    app_id = sb.settings.default_app_id
-    claims: dict[str, object] = {
-        "aud": sb.identity.token_endpoint,
-        "iss": app_id,
-        "sub": app_id,
-        "jti": str(uuid.uuid4()),
-        "iat": now,
-        "nbf": now,
-        "exp": now + 600,
-    }
-    claims.update(overrides)
-    return claims
-
-
 def assertion_post(sb: Sandbox, assertion: str) -> HttpAnswer:
     return token_post(
         sb,
@@ -136,8 +109,10 @@ def assertion_post(sb: Sandbox, assertion: str) -> HttpAnswer:
     ids=["x5c-number", "x5c-string", "x5c-null", "x5t-number", "x5t-s256-list"],
 )
 def test_assertion_header_of_the_wrong_type_is_malformed(sandbox: Sandbox, header) -> None:
-    key, _ = _registered_key(sandbox)
-    answer = assertion_post(sandbox, jwt.encode(_claims(sandbox), key, "RS256", headers=header))
+    key, _ = registered_key(sandbox)
+    answer = assertion_post(
+        sandbox, jwt.encode(assertion_claims(sandbox), key, "RS256", headers=header)
+    )
     assert aadsts(answer) == (400, "invalid_request", [50027])
     assert answer.json()["error_description"].startswith(
         "AADSTS50027: JWT token is invalid or malformed. [Reason - "
@@ -147,10 +122,12 @@ def test_assertion_header_of_the_wrong_type_is_malformed(sandbox: Sandbox, heade
 def test_assertion_times_beyond_any_date(sandbox: Sandbox) -> None:
     """Signed times of 1e300 or -1e300 seconds: out of the valid range, written as the last or
     first moment a date can hold; an expiry that far off is merely far off."""
-    key, thumb = _registered_key(sandbox)
+    key, thumb = registered_key(sandbox)
 
     def post(**claims: object) -> HttpAnswer:
-        token = jwt.encode(_claims(sandbox, **claims), key, "RS256", headers={"x5t": thumb})
+        token = jwt.encode(
+            assertion_claims(sandbox, **claims), key, "RS256", headers={"x5t": thumb}
+        )
         return assertion_post(sandbox, token)
 
     future = post(nbf=1e300, exp=1e300)
@@ -182,8 +159,8 @@ def test_assertion_times_beyond_any_date(sandbox: Sandbox) -> None:
     ids=["exp-nan", "exp-inf", "nbf-minus-inf", "exp-bool", "nbf-text", "exp-null"],
 )
 def test_assertion_times_that_are_no_numbers_are_malformed(sandbox: Sandbox, claims) -> None:
-    key, thumb = _registered_key(sandbox)
-    token = jwt.encode(_claims(sandbox, **claims), key, "RS256", headers={"x5t": thumb})
+    key, thumb = registered_key(sandbox)
+    token = jwt.encode(assertion_claims(sandbox, **claims), key, "RS256", headers={"x5t": thumb})
     assert aadsts(assertion_post(sandbox, token)) == (400, "invalid_request", [50027])
 
 
