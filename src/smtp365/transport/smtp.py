@@ -656,7 +656,9 @@ class SmtpTransport:
                 if self._open:  # ended inside a transaction: never reused in that state
                     self._drop()
 
-    def _out_of_sequence(self, stage: str, code: int, message: str) -> ProtocolError:
+    def _out_of_sequence(
+        self, stage: str, code: int, message: str, cls: type[ProtocolError] = ProtocolError
+    ) -> ProtocolError:
         """A reply that belongs to a broken session, not to this message (``503 5.5.1 Sender
         already specified``, a 2xx/3xx where a refusal or 250 belongs): the connection is
         dropped, and the message is not to blame (temporary)."""
@@ -665,7 +667,7 @@ class SmtpTransport:
         reply = Reply.parse(code, message)
         entry = replies.lookup(reply)
         explained = f"{entry.meaning}; {entry.fix}. " if entry is not None else ""
-        return ProtocolError(
+        return cls(
             f"{a.host}:{a.port} answered {stage.upper()} out of sequence: {reply}",
             fix=f"{explained}The session was out of step with the server, not a fault of the "
             "message: it goes again over a new connection (if this repeats, run "
@@ -694,8 +696,7 @@ class SmtpTransport:
             await _envelope_command(smtp, b"MAIL", env.sender, options, utf8=needs_utf8)
         except SMTPResponseException as exc:
             if _desync(exc.code):
-                desync = self._out_of_sequence("mail", exc.code, exc.message)
-                raise _OutOfStep(desync.what, fix=desync.fix, temporary=True) from None
+                raise self._out_of_sequence("mail", exc.code, exc.message, _OutOfStep) from None
             await self._rset()
             raise _rejected("mail", exc.code, exc.message) from None
         except (SMTPException, OSError) as exc:
