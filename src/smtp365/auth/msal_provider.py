@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 import warnings
 import webbrowser
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +99,10 @@ def _certificate_credential(account: AccountSettings) -> dict[str, str]:
     }
 
 
-def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The certificate verification failure inside a requests exception, if that is what it
-    is (requests wraps urllib3's MaxRetryError, which wraps urllib3's SSLError, which wraps
-    the one from :mod:`ssl`)."""
+def _linked(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps: requests wraps urllib3's MaxRetryError, which
+    wraps urllib3's errors (in ``args`` or ``reason``), which wrap the one from :mod:`ssl` or
+    the socket (as ``__cause__`` / ``__context__``)."""
     todo: list[BaseException] = [exc]
     seen: list[BaseException] = []
     while todo:
@@ -110,31 +110,24 @@ def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | N
         if any(cur is s for s in seen):
             continue
         seen.append(cur)
-        if isinstance(cur, ssl.SSLCertVerificationError):
-            return cur
+        yield cur
         reason = getattr(cur, "reason", None)
         linked = [*cur.args, reason, cur.__cause__, cur.__context__]
         todo.extend(e for e in linked if isinstance(e, BaseException))
-    return None
+
+
+def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure inside a requests exception, if that is what it
+    is."""
+    return next((e for e in _linked(exc) if isinstance(e, ssl.SSLCertVerificationError)), None)
 
 
 def _refused(exc: BaseException) -> bool:
     """Somewhere in the chain of ``exc``, a refused TCP connection."""
-    seen: set[int] = set()
-    pending: list[BaseException] = [exc]
-    while pending:
-        cur = pending.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, ConnectionRefusedError) or f"[Errno {errno.ECONNREFUSED}]" in str(cur):
-            return True
-        pending += [e for e in (cur.__cause__, cur.__context__) if e is not None]
-        pending += [a for a in cur.args if isinstance(a, BaseException)]
-        reason = getattr(cur, "reason", None)
-        if isinstance(reason, BaseException):
-            pending.append(reason)
-    return False
+    return any(
+        isinstance(e, ConnectionRefusedError) or f"[Errno {errno.ECONNREFUSED}]" in str(e)
+        for e in _linked(exc)
+    )
 
 
 def _unreachable(
