@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_APP_ID",
     "DEFAULT_PUBLIC_APP_ID",
     "DEFAULT_TENANT_ID",
+    "FAULT_REPLIES",
     "AppSettings",
     "FaultRule",
     "FaultSettings",
@@ -201,10 +202,35 @@ class LimitSettings(_Model):
         return value
 
 
+FAULT_REPLIES: dict[str, str] = {
+    # Continuous error throttling for SMTP AUTH submissions (Microsoft Learn): after
+    # repeated errors of one kind the mailbox may not submit for a while; the answer to
+    # the submitted message (stage ``data``).
+    "throttled-mailbox-full": "550 5.2.251 Sender throttled due to continuous mailbox full errors.",
+    "throttled-send-as-denied": (
+        "550 5.2.252 Sender throttled due to continuous send as denied errors."
+    ),
+    "throttled-invalid-license": (
+        "550 5.2.253 Sender throttled due to continuous invalid license errors."
+    ),
+    "throttled-too-many-recipients": (
+        "550 5.2.254 Sender throttled due to continuous too many recipients errors."
+    ),
+    "throttled-invalid-recipients": (
+        "550 5.2.255 Sender throttled due to continuous invalid recipients errors."
+    ),
+    # Basic authentication removed for client submission (reference §4; stage ``auth``).
+    "basic-auth-retired": "550 5.7.30 Basic authentication is not supported for Client Submission.",
+}
+"""Exchange Online replies the sandbox has no state to cause by itself, by name: a fault's
+``reply`` may name one instead of spelling it out."""
+
+
 class FaultRule(_Model):
     """A fault at one stage of the session.
 
-    ``reply`` replaces the server's answer (a ``421`` closes the connection);
+    ``reply`` replaces the server's answer (a ``421`` closes the connection): the reply
+    text, or the name of one of :data:`FAULT_REPLIES`, which stands for its text;
     ``drop`` closes the connection instead of answering (for ``data``: in the
     middle of the message, after the first line arrived); ``delay`` waits that
     many seconds before answering. ``late`` (``data`` and ``starttls`` only) moves
@@ -227,9 +253,13 @@ class FaultRule(_Model):
     @field_validator("reply")
     @classmethod
     def _reply(cls, value: str | None) -> str | None:
-        if value is not None and not _REPLY.match(value + " "):
+        if value is None:
+            return None
+        value = FAULT_REPLIES.get(value, value)
+        if not _REPLY.match(value + " "):
             raise ValueError(
-                "fault reply must start with a three-digit code, e.g. '451 4.7.500 ...'"
+                "fault reply must start with a three-digit code, e.g. '451 4.7.500 ...', "
+                f"or be one of {', '.join(FAULT_REPLIES)}"
             )
         return value
 

@@ -6,6 +6,13 @@ reading and TLS plumbing only. Every reply below is literal text from
 shared/reference/exchange-online.md or, where the reference has none, a
 plausible Exchange-style text (marked "sandbox choice").
 
+Exchange ends many replies with a diagnostic tail naming the answering server, and
+clients parse it, so the sandbox sends it through one helper, :meth:`ExchangeSMTP._tail`,
+in the two forms Exchange Online uses: the SMTP front end's refusals end in
+``[<host> <UTC time> <session id>]`` (the session id is the one in the banner), the
+answers to a submitted message (and the concurrency refusal) in ``[Hostname=<host>]``.
+The ``250`` after the data quotes the message's own ``Message-ID``, as Exchange does.
+
 Three aiosmtpd internals are relied upon (pinned by ``aiosmtpd>=1.4.6``):
 ``_smtp_methods`` (the command table, wrapped here for faults and the TLS 1.0/1.1
 refusal), ``_handle_client`` (wrapped for greeting faults) and the texts of the replies
@@ -63,15 +70,19 @@ _NEED_TLS = frozenset({"AUTH", "MAIL", "RCPT", "DATA", "BDAT"})
 _NUMBER = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also takes "²" and "٣"
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")  # esmtp-keyword, RFC 5321 §4.1.2
 # aiosmtpd's own replies from its command loop, in Exchange's form: enhanced status codes
-# are advertised, so every reply carries one, and none echoes what the client sent. The
-# reference has no text for these: Exchange's answer to an unknown verb as seen in client
-# logs (sandbox choice).
-_UNRECOGNIZED = "500 5.3.3 Unrecognized command"
-_LOOP_REPLIES = {
-    "500 Error: bad syntax": _UNRECOGNIZED,  # an empty line, or a verb that is not ASCII
-    "500 Command line too long": "500 5.5.2 Line too long",  # sandbox choice
-}
-_NOT_RECOGNIZED = re.compile(r'500 Error: command ".*" not recognized', re.DOTALL)
+# are advertised, so every reply carries one. An unknown command is quoted back as Exchange
+# does (seen in client logs: "500 5.3.3 Unrecognized command 'unknown' [<host> ...]" for
+# a line of binary bytes); aiosmtpd hands over the command word only, upper-cased, and
+# nothing of a line it could not read (empty, or a verb that is not ASCII): 'unknown'.
+_NOT_RECOGNIZED = re.compile(r'500 Error: command "(.*)" not recognized', re.DOTALL)
+_BAD_SYNTAX = "500 Error: bad syntax"
+_LINE_TOO_LONG = {"500 Command line too long": "500 5.5.2 Line too long"}  # sandbox choice
+_QUOTABLE = re.compile(r"[ -~]+")  # printable ASCII: what a reply can quote as it came
+_QUOTED_COMMAND_LIMIT = 64
+# The longest Message-ID the 250 after the data quotes: the reply stays one line well
+# inside RFC 5321's 512 octets. Longer ones, and ones that are not printable ASCII, are
+# replaced by a generated id (Exchange would quote them; sandbox choice).
+_MESSAGE_ID_LIMIT = 200
 
 
 @dataclass
@@ -128,7 +139,7 @@ class ExchangeSMTP(SMTP):
         self._counted = False
         self._closed_once = False
         settings = ctx.settings
-        banner_id = secrets.token_hex(8).upper()
+        self._session_id = secrets.token_hex(8).upper()
         when = format_datetime(dt.datetime.now(dt.UTC))
         super().__init__(
             _NoHooks(),
@@ -136,7 +147,7 @@ class ExchangeSMTP(SMTP):
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=settings.hostname,
-            ident=f"Microsoft ESMTP MAIL Service ready at {when} [{banner_id}]",
+            ident=f"Microsoft ESMTP MAIL Service ready at {when} [{self._session_id}]",
             tls_context=ctx.tls_context,
             timeout=settings.idle_timeout,
             loop=asyncio.get_running_loop(),
@@ -158,6 +169,36 @@ class ExchangeSMTP(SMTP):
     def _tls_active(self) -> bool:
         return self._tls_protocol is not None
 
+    def _tail(self, reply: str, *, submission: bool = False) -> str:
+        """``reply`` with Exchange's diagnostic tail: ``[<host> <UTC time> <session id>]``
+        after a refusal of the SMTP front end (``535 5.7.139 ... [SN4PR0601CA0002.namprd06.
+        prod.outlook.com 2025-07-21T10:26:08.277Z 08DDC79214586544]`` in client logs), or
+        with ``submission`` ``[Hostname=<host>]``, the form of the answers to a submitted
+        message (``250 2.0.0 OK <id> [Hostname=...]``, reference §2)."""
+        if submission:
+            return f"{reply} [Hostname={self._host}]"
+        now = dt.datetime.now(dt.UTC)
+        when = f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond // 1000:03d}Z"
+        return f"{reply} [{self._host} {when} {self._session_id}]"
+
+    def _exchange_form(self, reply: str) -> str:
+        """A reply of aiosmtpd's command loop as Exchange words it; the sandbox's own unchanged."""
+        if reply == _BAD_SYNTAX:
+            return self._unrecognized("")
+        found = _NOT_RECOGNIZED.fullmatch(reply)
+        if found is not None:
+            return self._unrecognized(found.group(1))
+        return _LINE_TOO_LONG.get(reply, reply)
+
+    def _unrecognized(self, command: str) -> str:
+        """``500 5.3.3 Unrecognized command '<command>'``: printable ASCII quoted (cut at
+        :data:`_QUOTED_COMMAND_LIMIT` characters), anything else as ``'unknown'``."""
+        if not _QUOTABLE.fullmatch(command):
+            command = "unknown"
+        elif len(command) > _QUOTED_COMMAND_LIMIT:
+            command = command[:_QUOTED_COMMAND_LIMIT] + "..."
+        return self._tail(f"500 5.3.3 Unrecognized command '{command}'")
+
     def _guard(
         self, name: str, method: Callable[[str | None], Awaitable[None]]
     ) -> Callable[[str | None], Awaitable[None]]:
@@ -165,8 +206,10 @@ class ExchangeSMTP(SMTP):
             if self._legacy_tls:
                 self._ctx.stats.legacy_tls_refused += 1
                 await self.push(
-                    "421 4.7.66 TLS 1.0 and 1.1 are not supported. Please upgrade/update your "
-                    "client to support TLS 1.2. Visit https://aka.ms/smtp_auth_tls."
+                    self._tail(
+                        "421 4.7.66 TLS 1.0 and 1.1 are not supported. Please upgrade/update "
+                        "your client to support TLS 1.2. Visit https://aka.ms/smtp_auth_tls."
+                    )
                 )
                 self._close()
                 return
@@ -223,7 +266,7 @@ class ExchangeSMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
-            await super().push(_exchange_form(status))
+            await super().push(self._exchange_form(status))
         else:
             await super().push(status)
 
@@ -300,7 +343,7 @@ class ExchangeSMTP(SMTP):
     async def check_helo_needed(self, helo: str = "HELO") -> bool:
         assert self.session is not None
         if not self.session.host_name:
-            await self.push("503 5.5.2 Send hello first")
+            await self.push(self._tail("503 5.5.2 Send hello first"))
             return True
         return False
 
@@ -315,7 +358,7 @@ class ExchangeSMTP(SMTP):
 
     async def smtp_HELO(self, hostname: str | None) -> None:
         if not hostname or not _DOMAIN.match(hostname):
-            await self.push("501 5.5.4 Invalid domain name")
+            await self.push(self._tail("501 5.5.4 Invalid domain name"))
             return
         self._set_rset_state()
         assert self.session is not None
@@ -325,7 +368,7 @@ class ExchangeSMTP(SMTP):
 
     async def smtp_EHLO(self, hostname: str | None) -> None:
         if not hostname or not _DOMAIN.match(hostname):
-            await self.push("501 5.5.4 Invalid domain name")
+            await self.push(self._tail("501 5.5.4 Invalid domain name"))
             return
         self._set_rset_state()
         assert self.session is not None
@@ -375,7 +418,7 @@ class ExchangeSMTP(SMTP):
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if arg:
-            await self.push("501 5.5.4 Invalid arguments")
+            await self.push(self._tail("501 5.5.4 Invalid arguments"))
             return
         if await self.check_helo_needed():
             return
@@ -418,7 +461,7 @@ class ExchangeSMTP(SMTP):
         if await self.check_helo_needed():
             return
         assert self.session is not None
-        unrecognized = f"504 5.7.4 Unrecognized authentication type [{self._host}]"
+        unrecognized = self._tail("504 5.7.4 Unrecognized authentication type")
         if not self._tls_active or not self.session.extended_smtp:
             await self.push(unrecognized)
             return
@@ -426,11 +469,11 @@ class ExchangeSMTP(SMTP):
             await self.push("503 5.5.1 Already authenticated")  # sandbox choice
             return
         if not arg:
-            await self.push("501 5.5.4 Invalid arguments")
+            await self.push(self._tail("501 5.5.4 Invalid arguments"))
             return
         parts = arg.split()
         if len(parts) > 2:
-            await self.push("501 5.5.4 Invalid arguments")
+            await self.push(self._tail("501 5.5.4 Invalid arguments"))
             return
         mechanism = parts[0].upper()
         initial = parts[1] if len(parts) == 2 else None
@@ -493,7 +536,9 @@ class ExchangeSMTP(SMTP):
         password = password_raw.decode("utf-8", "replace")
         settings = self._ctx.settings
         mbx = settings.mailbox(user)
-        incorrect = "535 5.7.139 Authentication unsuccessful, the user credentials were incorrect."
+        incorrect = self._tail(
+            "535 5.7.139 Authentication unsuccessful, the user credentials were incorrect."
+        )
         # Order: who is this; pre-auth policies (never reveal the password check); the
         # password; then the SMTP AUTH switches that need the identified mailbox.
         if mbx is None or mbx.shared or mbx.password is None:
@@ -503,21 +548,27 @@ class ExchangeSMTP(SMTP):
         if settings.security_defaults:
             self._auth_failed("security_defaults")
             await self.push(
-                "535 5.7.139 Authentication unsuccessful, user is locked by your organization's "
-                "security defaults policy. Contact your administrator."
+                self._tail(
+                    "535 5.7.139 Authentication unsuccessful, user is locked by your "
+                    "organization's security defaults policy. Contact your administrator."
+                )
             )
             return
         if not mbx.basic_auth_enabled:
             self._auth_failed("basic_disabled")
             await self.push(
-                "535 5.7.139 Authentication unsuccessful, basic authentication is disabled."
+                self._tail(
+                    "535 5.7.139 Authentication unsuccessful, basic authentication is disabled."
+                )
             )
             return
         if mbx.conditional_access_block:
             self._auth_failed("conditional_access")
             await self.push(
-                "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria "
-                "to be authenticated successfully. Contact your administrator."
+                self._tail(
+                    "535 5.7.139 Authentication unsuccessful, the request did not meet the "
+                    "criteria to be authenticated successfully. Contact your administrator."
+                )
             )
             return
         if not secrets.compare_digest(password.encode(), mbx.password.encode()):
@@ -535,7 +586,7 @@ class ExchangeSMTP(SMTP):
             raw = await self._sasl_read("")
         if raw is None:
             return
-        failed = f"535 5.7.3 Authentication unsuccessful [{self._host}]"
+        failed = self._tail("535 5.7.3 Authentication unsuccessful")
         user, token = _parse_xoauth2(raw)
         if user is None or token is None:
             self._auth_failed("xoauth2_malformed")
@@ -577,14 +628,20 @@ class ExchangeSMTP(SMTP):
         if mbx.smtp_auth_enabled is False:
             self._auth_failed("smtp_auth_disabled_mailbox")
             await self.push(
-                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled "
-                "for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information."
+                self._tail(
+                    "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is "
+                    "disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more "
+                    "information."
+                )
             )
         else:
             self._auth_failed("smtp_auth_disabled_tenant")
             await self.push(
-                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled "
-                "for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information."
+                self._tail(
+                    "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is "
+                    "disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more "
+                    "information."
+                )
             )
         return False
 
@@ -592,7 +649,13 @@ class ExchangeSMTP(SMTP):
         limit = self._ctx.settings.limits.max_connections
         if not self._ctx.usage.acquire(mbx.address, limit):
             self._throttled("concurrency")
-            await self.push("432 4.3.2 Concurrent connections limit exceeded.")
+            await self.push(
+                self._tail(
+                    "432 4.3.2 Concurrent connections limit exceeded. Visit "
+                    "https://aka.ms/concurrent_sending for more information.",
+                    submission=True,
+                )
+            )
             return
         assert self.session is not None
         self._mailbox = mbx
@@ -609,7 +672,7 @@ class ExchangeSMTP(SMTP):
         if await self.check_helo_needed():
             return True
         if self._mailbox is None:
-            await self.push("530 5.7.57 Client not authenticated to send mail")
+            await self.push(self._tail("530 5.7.57 Client not authenticated to send mail"))
             return True
         return False
 
@@ -622,7 +685,7 @@ class ExchangeSMTP(SMTP):
             return
         rest = self._strip_command_keyword("FROM:", arg or "")
         if rest is None:
-            await self.push("501 5.5.4 Invalid arguments")
+            await self.push(self._tail("501 5.5.4 Invalid arguments"))
             return
         address, params_text = self._parse_path(rest)
         if address is None:
@@ -630,14 +693,14 @@ class ExchangeSMTP(SMTP):
             return
         params = _params(params_text)
         if params is None:
-            await self.push("501 5.5.4 Invalid arguments")
+            await self.push(self._tail("501 5.5.4 Invalid arguments"))
             return
         txn = _Txn(mail_from=address)
         limits = self._ctx.settings.limits
         for key, value in params:
             if key == "SIZE":
                 if not _NUMBER.fullmatch(value):
-                    await self.push("501 5.5.4 Invalid arguments")
+                    await self.push(self._tail("501 5.5.4 Invalid arguments"))
                     return
                 if int(value) > limits.max_message_size:
                     await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
@@ -694,7 +757,7 @@ class ExchangeSMTP(SMTP):
             return
         rest = self._strip_command_keyword("TO:", arg or "")
         if rest is None:
-            await self.push("501 5.5.4 Invalid arguments")
+            await self.push(self._tail("501 5.5.4 Invalid arguments"))
             return
         address, params_text = self._parse_path(rest)
         if not address:
@@ -702,7 +765,7 @@ class ExchangeSMTP(SMTP):
             return
         params = _params(params_text)
         if params is None:
-            await self.push("501 5.5.4 Invalid arguments")
+            await self.push(self._tail("501 5.5.4 Invalid arguments"))
             return
         notify = orcpt = ""
         for key, value in params:
@@ -742,7 +805,7 @@ class ExchangeSMTP(SMTP):
         if txn is None:
             return
         if arg:
-            await self.push("501 5.5.4 Invalid arguments")
+            await self.push(self._tail("501 5.5.4 Invalid arguments"))
             return
         if txn.body == "BINARYMIME" or txn.chunks:
             await self.push("503 5.5.1 Bad sequence of commands")  # RFC 3030: BDAT required
@@ -789,10 +852,10 @@ class ExchangeSMTP(SMTP):
     async def smtp_BDAT(self, arg: str | None) -> None:
         parts = (arg or "").split()
         if not parts or not _NUMBER.fullmatch(parts[0]) or len(parts) > 2:
-            await self.push("501 5.5.4 Invalid arguments")
+            await self.push(self._tail("501 5.5.4 Invalid arguments"))
             return
         if len(parts) == 2 and parts[1].upper() != "LAST":
-            await self.push("501 5.5.4 Invalid arguments")
+            await self.push(self._tail("501 5.5.4 Invalid arguments"))
             return
         size = int(parts[0])
         last = len(parts) == 2
@@ -852,7 +915,6 @@ class ExchangeSMTP(SMTP):
         assert mbx is not None
         settings = self._ctx.settings
         limits = settings.limits
-        host = self._host
         headers = _headers(content)
         senders = [a for _, a in getaddresses(headers.get_all("From", []))] if headers else []
         if settings.send_as_check == "data" and txn.mail_from:
@@ -862,11 +924,14 @@ class ExchangeSMTP(SMTP):
             self._ctx.stats.send_as_denied += 1
             self._ctx.stats.messages_rejected += 1
             await self.push(
-                f"554 5.2.252 SendAsDenied; {mbx.address} not allowed to send as {denied}; "
-                "STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; "
-                "Failed to process message due to a permanent exception with message "
-                "[BeginDiagnosticData]Cannot submit message. 0.35250:0A006680, "
-                f"1.36674:0A000000, 1.61250:00000000[EndDiagnosticData] [Hostname={host}]"
+                self._tail(
+                    f"554 5.2.252 SendAsDenied; {mbx.address} not allowed to send as {denied}; "
+                    "STOREDRV.Submission.Exception:SendAsDeniedException."
+                    "MapiExceptionSendAsDenied; Failed to process message due to a permanent "
+                    "exception with message [BeginDiagnosticData]Cannot submit message. "
+                    "0.35250:0A006680, 1.36674:0A000000, 1.61250:00000000[EndDiagnosticData]",
+                    submission=True,
+                )
             )
             return
         if not self._ctx.usage.recipients_ok(
@@ -875,12 +940,16 @@ class ExchangeSMTP(SMTP):
             self._throttled("quota")
             self._ctx.stats.messages_rejected += 1
             await self.push(
-                "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; "
-                "Failed to process message due to a permanent exception with message "
-                f"[BeginDiagnosticData]Cannot submit message.[EndDiagnosticData] [Hostname={host}]"
+                self._tail(
+                    "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; "
+                    "Failed to process message due to a permanent exception with message "
+                    "[BeginDiagnosticData]Cannot submit message.[EndDiagnosticData]",
+                    submission=True,
+                )
             )
             return
-        smtp_id = f"<{secrets.token_hex(16).upper()}@{host}>"
+        # Exchange quotes the message's own Message-ID; one it cannot quote or none: its own.
+        smtp_id = _message_id(headers) or f"<{secrets.token_hex(16).upper()}@{self._host}>"
         dsn: dict[str, Any] = {}
         if txn.ret:
             dsn["ret"] = txn.ret
@@ -918,7 +987,7 @@ class ExchangeSMTP(SMTP):
             if fault.reply:
                 await self._reply_maybe_close(fault.reply)
                 return
-        await self.push(f"250 2.0.0 OK {smtp_id} [Hostname={host}]")
+        await self.push(self._tail(f"250 2.0.0 OK {smtp_id}", submission=True))
 
 
 def _parse_xoauth2(raw: bytes) -> tuple[str | None, str | None]:
@@ -934,13 +1003,6 @@ def _parse_xoauth2(raw: bytes) -> tuple[str | None, str | None]:
             if scheme.lower() == "bearer" and cred.strip():
                 token = cred.strip()
     return user, token
-
-
-def _exchange_form(reply: str) -> str:
-    """A reply of aiosmtpd's command loop as Exchange words it; the sandbox's own unchanged."""
-    if _NOT_RECOGNIZED.fullmatch(reply):
-        return _UNRECOGNIZED
-    return _LOOP_REPLIES.get(reply, reply)
 
 
 def _utf8(text: str) -> bool:
@@ -977,6 +1039,22 @@ def _headers(content: bytes) -> Any:
         return BytesHeaderParser(policy=email.policy.default).parsebytes(content)
     except Exception:  # a message the parser cannot read still gets stored
         return None
+
+
+def _message_id(headers: Any) -> str:
+    """The first ``Message-ID`` header as it was sent (unfolded), for the ``250`` after the
+    data: with or without angle brackets, whatever it holds; ``""`` when there is none, or
+    when it is no one-line ASCII text of at most :data:`_MESSAGE_ID_LIMIT` characters (not
+    UTF-8, non-ASCII, control characters, too long)."""
+    if headers is None:
+        return ""
+    for name, value in headers.raw_items():
+        if name.lower() == "message-id":
+            text = " ".join(str(value).split())
+            if len(text) <= _MESSAGE_ID_LIMIT and _QUOTABLE.fullmatch(text):
+                return text
+            return ""
+    return ""
 
 
 def _header_text(headers: Any, name: str) -> str:

@@ -15,6 +15,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import shutil
 import smtplib
 import socket
@@ -117,6 +118,19 @@ def sandbox(start_sandbox: StartSandbox) -> Sandbox:
     return start_sandbox()
 
 
+# Exchange's diagnostic tail: "[<host> <UTC time> <session id>]" after a refusal of the SMTP
+# front end, "[Hostname=<host>]" after the answers to a submitted message.
+TAIL = re.compile(
+    r" \[(?:Hostname=(?P<named>[^\] ]+)"
+    r"|(?P<host>[^\] ]+) \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (?P<session>[0-9A-F]{16}))\]$"
+)
+
+
+def bare(reply: str) -> str:
+    """``reply`` without its diagnostic tail (unchanged when it has none)."""
+    return TAIL.sub("", reply)
+
+
 @dataclass
 class Resp:
     code: int
@@ -131,6 +145,11 @@ class Resp:
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
+
+    @property
+    def bare(self) -> str:
+        """:attr:`raw` without Exchange's diagnostic tail (the tail has its own tests)."""
+        return bare(self.raw)
 
 
 class Wire:

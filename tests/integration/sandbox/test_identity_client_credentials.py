@@ -13,11 +13,11 @@ import pytest
 
 from smtp365.sandbox import AppSettings, Sandbox, SandboxSettings, ensure_client_certificate
 
-from .conftest import assertion_claims, claims_of, registered_key, xoauth2_send
+from .conftest import assertion_claims, bare, claims_of, registered_key, xoauth2_send
 
 EXCHANGE = ["https://outlook.office365.com/.default"]
 GRAPH = ["https://graph.microsoft.com/.default"]
-XOAUTH2_FAILED = "5.7.3 Authentication unsuccessful [SBX0P365CA0001.outlook.sandbox.test]"
+XOAUTH2_FAILED = "5.7.3 Authentication unsuccessful"
 
 
 def test_secret_token_is_shaped_like_entra_and_cached(sandbox: Sandbox, cca) -> None:
@@ -60,7 +60,7 @@ def test_graph_token_has_graph_roles_and_is_refused_by_smtp(sandbox: Sandbox, cc
     assert claims["aud"] == "https://graph.microsoft.com"
     assert claims["roles"] == ["Mail.Send"]
     code, text = xoauth2_send(sandbox, "noreply@contoso.test", token)
-    assert (code, text) == (535, XOAUTH2_FAILED)
+    assert (code, bare(text)) == (535, XOAUTH2_FAILED)
     assert sandbox.stats.auth_failure_reasons == {"token_audience": 1}
 
 
@@ -87,7 +87,8 @@ def test_app_without_permissions_gets_a_token_without_roles(start_sandbox, cca) 
     sb = start_sandbox(settings)
     token = cca(sb).acquire_token_for_client(EXCHANGE)["access_token"]
     assert "roles" not in claims_of(token)  # as Entra ID: no error, just no roles
-    assert xoauth2_send(sb, "bob@contoso.test", token) == (535, XOAUTH2_FAILED)
+    code, text = xoauth2_send(sb, "bob@contoso.test", token)
+    assert (code, bare(text)) == (535, XOAUTH2_FAILED)
     assert sb.stats.auth_failure_reasons == {"token_scope": 1}
 
 

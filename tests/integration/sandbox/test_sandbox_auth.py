@@ -10,7 +10,7 @@ from smtp365.sandbox import MailboxSettings, Sandbox, SandboxSettings
 
 HOST = "SBX0P365CA0001.outlook.sandbox.test"
 OK = "235 2.7.0 Authentication successful"
-XOAUTH2_FAILED = f"535 5.7.3 Authentication unsuccessful [{HOST}]"
+XOAUTH2_FAILED = "535 5.7.3 Authentication unsuccessful"
 TENANT_DISABLED = (
     "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the "
     "Tenant. Visit https://aka.ms/smtp_auth_disabled for more information."
@@ -52,15 +52,15 @@ def test_login_initial_response_form_succeeds(sandbox: Sandbox, secured) -> None
 
 def test_login_wrong_password(sandbox: Sandbox, secured) -> None:
     client = secured(sandbox)
-    assert client.auth_login("alice@contoso.test", "not-the-password").raw == BAD_CREDENTIALS
-    assert client.auth_login("nobody@contoso.test", "x").raw == BAD_CREDENTIALS
+    assert client.auth_login("alice@contoso.test", "not-the-password").bare == BAD_CREDENTIALS
+    assert client.auth_login("nobody@contoso.test", "x").bare == BAD_CREDENTIALS
     assert sandbox.stats.auth_failures == 2
 
 
 def test_login_basic_disabled(start_sandbox, secured) -> None:
     sb = start_sandbox(settings_with(basic_auth_enabled=False))
     client = secured(sb)
-    assert client.auth_login("alice@contoso.test", sb.password("alice@contoso.test")).raw == (
+    assert client.auth_login("alice@contoso.test", sb.password("alice@contoso.test")).bare == (
         BASIC_DISABLED
     )
 
@@ -69,7 +69,7 @@ def test_login_mailbox_smtp_auth_disabled(start_sandbox, secured) -> None:
     sb = start_sandbox(settings_with(smtp_auth_enabled=False))
     client = secured(sb)
     resp = client.auth_login("alice@contoso.test", sb.password("alice@contoso.test"))
-    assert resp.raw == MAILBOX_DISABLED
+    assert resp.bare == MAILBOX_DISABLED
 
 
 def test_login_tenant_smtp_auth_disabled_and_mailbox_override(start_sandbox, secured) -> None:
@@ -80,7 +80,7 @@ def test_login_tenant_smtp_auth_disabled_and_mailbox_override(start_sandbox, sec
     sb = start_sandbox(settings)
     client = secured(sb)
     resp = client.auth_login("alice@contoso.test", sb.password("alice@contoso.test"))
-    assert resp.raw == TENANT_DISABLED
+    assert resp.bare == TENANT_DISABLED
     assert client.auth_login("bob@contoso.test", sb.password("bob@contoso.test")).raw == OK
 
 
@@ -98,15 +98,13 @@ def test_security_defaults_and_conditional_access_block_login(start_sandbox, sec
 
 def test_shared_mailbox_cannot_login(sandbox: Sandbox, secured) -> None:
     client = secured(sandbox)
-    assert client.auth_login("noreply@contoso.test", "whatever").raw == BAD_CREDENTIALS
+    assert client.auth_login("noreply@contoso.test", "whatever").bare == BAD_CREDENTIALS
 
 
 def test_plain_is_not_offered(sandbox: Sandbox, secured) -> None:
     client = secured(sandbox)
     blob = base64.b64encode(b"\0alice@contoso.test\0pw").decode()
-    assert client.cmd(f"AUTH PLAIN {blob}").raw == (
-        f"504 5.7.4 Unrecognized authentication type [{HOST}]"
-    )
+    assert client.cmd(f"AUTH PLAIN {blob}").bare == ("504 5.7.4 Unrecognized authentication type")
 
 
 def test_bad_base64_and_abort(sandbox: Sandbox, secured) -> None:
@@ -129,14 +127,14 @@ def test_xoauth2_delegated_succeeds(sandbox: Sandbox, secured, initial: bool) ->
 def test_xoauth2_expired_token(sandbox: Sandbox, secured) -> None:
     client = secured(sandbox)
     token = sandbox.issue_token("bob@contoso.test", lifetime=-60)
-    assert client.auth_xoauth2("bob@contoso.test", token).raw == XOAUTH2_FAILED
+    assert client.auth_xoauth2("bob@contoso.test", token).bare == XOAUTH2_FAILED
     assert sandbox.stats.auth_failure_reasons == {"token_expired": 1}
 
 
 def test_xoauth2_graph_audience_is_refused(sandbox: Sandbox, secured) -> None:
     client = secured(sandbox)
     token = sandbox.issue_token("bob@contoso.test", audience="https://graph.microsoft.com")
-    assert client.auth_xoauth2("bob@contoso.test", token).raw == XOAUTH2_FAILED
+    assert client.auth_xoauth2("bob@contoso.test", token).bare == XOAUTH2_FAILED
     assert sandbox.stats.auth_failure_reasons == {"token_audience": 1}
 
 
@@ -154,20 +152,20 @@ def test_xoauth2_other_exchange_audiences_are_accepted(
 def test_xoauth2_missing_scope(sandbox: Sandbox, secured) -> None:
     client = secured(sandbox)
     token = sandbox.issue_token("bob@contoso.test", scopes=["Mail.Read"])
-    assert client.auth_xoauth2("bob@contoso.test", token).raw == XOAUTH2_FAILED
+    assert client.auth_xoauth2("bob@contoso.test", token).bare == XOAUTH2_FAILED
     assert sandbox.stats.auth_failure_reasons == {"token_scope": 1}
 
 
 def test_xoauth2_token_of_another_mailbox(sandbox: Sandbox, secured) -> None:
     client = secured(sandbox)
     token = sandbox.issue_token("bob@contoso.test")
-    assert client.auth_xoauth2("alice@contoso.test", token).raw == XOAUTH2_FAILED
+    assert client.auth_xoauth2("alice@contoso.test", token).bare == XOAUTH2_FAILED
     assert sandbox.stats.auth_failure_reasons == {"wrong_mailbox": 1}
 
 
 def test_xoauth2_garbage_token(sandbox: Sandbox, secured) -> None:
     client = secured(sandbox)
-    assert client.auth_xoauth2("bob@contoso.test", "not.a.jwt").raw == XOAUTH2_FAILED
+    assert client.auth_xoauth2("bob@contoso.test", "not.a.jwt").bare == XOAUTH2_FAILED
 
 
 def test_xoauth2_delegated_full_access_to_shared_mailbox(sandbox: Sandbox, secured) -> None:
@@ -184,18 +182,18 @@ def test_xoauth2_app_only(start_sandbox, secured) -> None:
     sb = start_sandbox(settings)
     token = sb.issue_token(app_only=True)
     assert secured(sb).auth_xoauth2("noreply@contoso.test", token).raw == OK
-    assert secured(sb).auth_xoauth2("locked@contoso.test", token).raw == XOAUTH2_FAILED
+    assert secured(sb).auth_xoauth2("locked@contoso.test", token).bare == XOAUTH2_FAILED
     other_app = sb.issue_token(app_only=True, app_id="11111111-2222-3333-4444-555555555555")
-    assert secured(sb).auth_xoauth2("bob@contoso.test", other_app).raw == XOAUTH2_FAILED
+    assert secured(sb).auth_xoauth2("bob@contoso.test", other_app).bare == XOAUTH2_FAILED
     no_role = sb.issue_token(app_only=True, scopes=["Mail.Send"])
-    assert secured(sb).auth_xoauth2("bob@contoso.test", no_role).raw == XOAUTH2_FAILED
+    assert secured(sb).auth_xoauth2("bob@contoso.test", no_role).bare == XOAUTH2_FAILED
     assert sb.stats.auth_failure_reasons == {"app_not_granted": 2, "token_scope": 1}
 
 
 def test_xoauth2_respects_smtp_auth_switch(start_sandbox, secured) -> None:
     sb = start_sandbox(SandboxSettings(smtp_auth_enabled=False))
     token = sb.issue_token("bob@contoso.test")
-    assert secured(sb).auth_xoauth2("bob@contoso.test", token).raw == TENANT_DISABLED
+    assert secured(sb).auth_xoauth2("bob@contoso.test", token).bare == TENANT_DISABLED
 
 
 def test_token_counters(sandbox: Sandbox, secured, make_message) -> None:

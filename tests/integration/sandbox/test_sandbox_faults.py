@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from smtp365.models import Reply
+from smtp365.replies import lookup
 from smtp365.sandbox import Faults, FaultSettings, Sandbox, SandboxSettings
+from smtp365.sandbox.settings import FAULT_REPLIES
 
 THROTTLED = "451 4.7.500 Access denied, please try again later"
 CLOSED = (EOFError, ConnectionError, ssl.SSLError)
@@ -209,3 +212,36 @@ def test_commands_outside_tls_are_counted(sandbox: Sandbox, wire, client_tls) ->
     client.secure(client_tls(sandbox))
     client.cmd("MAIL FROM:<alice@contoso.test>")
     assert sandbox.stats.commands_in_clear == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "stage", "code"),
+    [
+        ("throttled-mailbox-full", "data", "5.2.251"),
+        ("throttled-send-as-denied", "data", "5.2.252"),
+        ("throttled-invalid-license", "data", "5.2.253"),
+        ("throttled-too-many-recipients", "data", "5.2.254"),
+        ("throttled-invalid-recipients", "data", "5.2.255"),
+        ("basic-auth-retired", "auth", "5.7.30"),
+    ],
+)
+def test_named_fault_replies_are_exchange_texts_the_catalogue_explains(
+    sandbox: Sandbox, authed, secured, make_message, name: str, stage: str, code: str
+) -> None:
+    sandbox.faults.set(stage, reply=name, times=1)  # type: ignore[arg-type]
+    if stage == "auth":
+        client = secured(sandbox)
+        resp = client.auth_login("alice@contoso.test", sandbox.password("alice@contoso.test"))
+    else:
+        client = authed(sandbox)
+        resp = client.send_message("alice@contoso.test", ["x@example.net"], make_message())
+    assert resp.raw == FAULT_REPLIES[name]
+    assert resp.raw.split()[1] == code and resp.code == 550
+    entry = lookup(Reply.parse(resp.code, resp.raw[4:]))
+    want = "basic-auth-retired" if stage == "auth" else "sender-throttled"
+    assert entry is not None and entry.key == want
+
+
+def test_unknown_fault_reply_name_lists_the_names() -> None:
+    with pytest.raises(ValueError, match="throttled-mailbox-full"):
+        Faults().set("data", reply="throttled-everything")

@@ -64,7 +64,10 @@ def test_fourth_concurrent_session_is_refused(sandbox: Sandbox, authed, secured)
     sessions = [authed(sandbox, "alice@contoso.test") for _ in range(3)]
     fourth = secured(sandbox)
     resp = fourth.auth_login("alice@contoso.test", sandbox.password("alice@contoso.test"))
-    assert resp.raw == "432 4.3.2 Concurrent connections limit exceeded."
+    assert resp.raw == (
+        "432 4.3.2 Concurrent connections limit exceeded. Visit "
+        f"https://aka.ms/concurrent_sending for more information. [Hostname={HOST}]"
+    )
     # Another mailbox is not affected.
     assert fourth.auth_login("bob@contoso.test", sandbox.password("bob@contoso.test")).code == 235
     assert sandbox.stats.concurrency_limited == 1
